@@ -1,0 +1,29 @@
+"""aft-graph: propose-and-aggregate test-time scaling (AFT, RSA) as a LangGraph graph.
+
+>>> from aft_graph import AggregateConfig, build_graph
+>>> from aft_graph.backends import VLLMBackend
+>>> graph = build_graph(VLLMBackend("default"), AggregateConfig(proposals=4, layers=2))
+>>> result = await graph.ainvoke({"question": "..."})   # result["answer"], ["layers"], ["usage"]
+"""
+
+from .answers import extract_answer, majority_vote
+from .config import AggregateConfig, SamplingConfig
+from .events import EVENT_NAME, LayerEvent, Usage
+from .graph import AggregateContext, build_graph
+from .prompts import PromptTemplate
+from .tools import as_tool
+
+__all__ = [
+    "EVENT_NAME",
+    "AggregateConfig",
+    "AggregateContext",
+    "LayerEvent",
+    "PromptTemplate",
+    "SamplingConfig",
+    "Usage",
+    "as_tool",
+    "build_graph",
+    "extract_answer",
+    "majority_vote",
+]
+__version__ = "0.1.0"
