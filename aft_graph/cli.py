@@ -1,0 +1,163 @@
+"""``aft-graph``: run propose-and-aggregate from the command line.
+
+    aft-graph run "What is 17 * 23? Put the answer in \\boxed{}."          # embedded default model
+    aft-graph run "..." --strategy rsa --population 8 --subset-size 4 --steps 3
+    aft-graph run "..." --base-url http://127.0.0.1:8000/v1             # any `vllm serve`
+    aft-graph run "..." --json                                          # machine-readable
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from enum import Enum
+from typing import Annotated
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+
+app = typer.Typer(
+    help="Propose-and-aggregate test-time scaling (AFT, RSA) over local models.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+_err = Console(stderr=True)
+
+
+@app.callback()
+def _main() -> None:
+    """Propose-and-aggregate test-time scaling (AFT, RSA) over local models."""
+
+
+class _Strategy(str, Enum):
+    propose_aggregate = "propose_aggregate"
+    rsa = "rsa"
+    self_consistency = "self_consistency"
+    best_of_n = "best_of_n"
+    self_refine = "self_refine"
+
+
+def make_backend(model: str, base_url: list[str] | None, max_model_len: int, lora: bool = False):
+    """The backend the command line asks for: a server (``--base-url``) or in-process vLLM."""
+    if base_url:
+        from .backends import OpenAIBackend
+
+        return OpenAIBackend(base_url if len(base_url) > 1 else base_url[0])
+    from .backends import VLLMBackend
+    from .models import resolve_model
+
+    path = resolve_model(model)  # converts the embedded model on first use, with progress
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    with _err.status(f"starting vLLM on {path.name} (1-2 minutes on a CPU)"):
+        return VLLMBackend(path, max_model_len=max_model_len, enable_lora=lora)
+
+
+def _layers_table(events: list) -> Table:
+    table = Table(title="layers", expand=True)
+    for col in ("layer", "kind", "answers", "tokens", "cut", "failed", "s"):
+        table.add_column(col, overflow="fold")
+    for ev in events:
+        table.add_row(
+            str(ev.layer),
+            ev.kind,
+            ", ".join("-" if a is None else a[:24] for a in ev.answers),
+            str(sum(ev.completion_tokens)),
+            str(ev.truncated),
+            str(len(ev.failures)),
+            f"{ev.elapsed_s:.1f}",
+        )
+    return table
+
+
+async def _run(graph, question: str, context, console: Console, as_json: bool) -> dict:
+    events, result = [], {}
+    with Live(_layers_table(events), console=console, transient=as_json, refresh_per_second=4) as live:
+        async for mode, chunk in graph.astream(
+            {"question": question}, stream_mode=["custom", "values"], context=context
+        ):
+            if mode == "custom":
+                events.append(chunk)
+                live.update(
+                    Group(_layers_table(events), Panel(chunk.texts[0][-600:], title=f"layer {chunk.layer}, text 1"))
+                )
+            else:
+                result = chunk
+        live.update(_layers_table(events))
+    return result
+
+
+@app.command()
+def run(
+    question: Annotated[str, typer.Argument(help="The question to answer.")],
+    model: Annotated[str, typer.Option(help="'default', 'small' or a local model directory.")] = "default",
+    base_url: Annotated[list[str] | None, typer.Option(help="OpenAI-compatible server(s), e.g. vllm serve; repeatable.")] = None,
+    strategy: Annotated[_Strategy, typer.Option(help="Test-time scaling strategy.")] = _Strategy.propose_aggregate,
+    proposals: Annotated[int, typer.Option("--proposals", "-k", help="K proposals.")] = 4,
+    layers: Annotated[int, typer.Option("--layers", "-l", help="L aggregation layers.")] = 1,
+    population: Annotated[int, typer.Option(help="N (RSA).")] = 8,
+    subset_size: Annotated[int, typer.Option(help="K (RSA).")] = 4,
+    steps: Annotated[int, typer.Option(help="T (RSA).")] = 2,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per call.")] = 384,
+    temperature: Annotated[float, typer.Option(help="Proposer temperature.")] = 0.7,
+    seed: Annotated[int, typer.Option(help="Base seed.")] = 0,
+    lora: Annotated[str | None, typer.Option(help="LoRA adapter directory for aggregation calls.")] = None,
+    max_model_len: Annotated[int, typer.Option(help="Context window of the in-process engine.")] = 4096,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
+) -> None:
+    """Answer QUESTION with propose-and-aggregate, showing each layer as it finishes."""
+    from pydantic import ValidationError
+
+    from . import AggregateConfig, AggregateContext, build_graph
+    from .config import SamplingConfig
+
+    try:
+        config = AggregateConfig(
+            strategy=strategy.value,
+            proposals=proposals,
+            layers=layers,
+            population=population,
+            subset_size=subset_size,
+            steps=steps,
+            proposer=SamplingConfig(temperature=temperature, max_tokens=max_tokens),
+            aggregator=SamplingConfig(temperature=temperature, max_tokens=max_tokens),
+            seed=seed,
+        )
+        if not question.strip():
+            raise typer.BadParameter("the question is empty")
+    except ValidationError as exc:
+        _err.print(f"[red]invalid configuration:[/red] {exc}")
+        raise typer.Exit(2) from None
+    if strategy == _Strategy.best_of_n:
+        _err.print("[red]best_of_n needs a reward function: use the Python API (build_graph(reward_fn=...))[/red]")
+        raise typer.Exit(2)
+
+    async def main() -> dict:
+        backend = make_backend(model, base_url, max_model_len, lora=lora is not None)
+        try:
+            graph = build_graph(backend, config)
+            context = AggregateContext(aggregator_lora=lora)
+            return await _run(graph, question, context, Console(stderr=as_json), as_json)
+        finally:
+            await backend.aclose()
+
+    result = asyncio.run(main())
+    if as_json:
+        json.dump({k: result[k] for k in ("answer", "layers", "usage")}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    console = Console()
+    console.print(Panel(result["answer"], title="answer", border_style="green"))
+    usage = result["usage"]
+    console.print(
+        f"{usage['calls']} calls ({usage['proposer_calls']} proposer, {usage['aggregator_calls']} "
+        f"aggregator), {usage['prompt_tokens']} prompt + {usage['completion_tokens']} generated tokens"
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
