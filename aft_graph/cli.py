@@ -12,7 +12,7 @@ import asyncio
 import json
 import os
 import sys
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated
 
 import typer
@@ -34,7 +34,7 @@ def _main() -> None:
     """Propose-and-aggregate test-time scaling (AFT, RSA) over local models."""
 
 
-class _Strategy(str, Enum):
+class _Strategy(StrEnum):
     propose_aggregate = "propose_aggregate"
     rsa = "rsa"
     self_consistency = "self_consistency"
