@@ -46,6 +46,9 @@ bench: setup
 train-demo: setup
 	$(BIN)/aft-train demo --out runs/train-demo
 
+eval-demo: setup
+	$(BIN)/aft-graph eval --tasks rg-mix:easy_arithmetic --n 10 --strategies "matched:4" --max-tokens 256 --out runs/eval-demo
+
 lint: setup
 	$(BIN)/ruff check aft_graph trainer tests benchmarks
 

@@ -159,5 +159,53 @@ def run(
     )
 
 
+@app.command("eval")
+def eval_(
+    tasks: Annotated[str, typer.Option("--tasks", help="Suite: humaneval, rg:<dataset>, rg-mix:<mix> (easy_arithmetic, arithmetic, words_and_logic), champ or jsonl:<path>.")] = "rg-mix:easy_arithmetic",
+    strategies: Annotated[str, typer.Option("--strategies", help="';'-separated items name=strategy:key=value,... (name= and options optional), e.g. 'single; sc:K=4; aft:K=4,L=1; rsa:N=4,K=2,T=1', or 'matched:8' (compute-matched set).")] = "matched:6,include=single+sc+bon+aft+rsa",
+    out: Annotated[str, typer.Option("--out", help="Output directory (records.jsonl, summary.json/.md, plots); rerun to resume.")] = "runs/eval",
+    n: Annotated[int | None, typer.Option("--n", help="Number of tasks (default: all of a fixed suite, 50 generated).")] = None,
+    seed: Annotated[int, typer.Option(help="Chooses the tasks and seeds every strategy.")] = 0,
+    model: Annotated[str, typer.Option(help="'default', 'small' or a local model directory.")] = "default",
+    base_url: Annotated[list[str] | None, typer.Option(help="OpenAI-compatible server(s), e.g. vllm serve; repeatable.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per call (every strategy).")] = 384,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (every strategy).")] = 0.7,
+    concurrency: Annotated[int, typer.Option(help="Questions in flight at once.")] = 4,
+    checker: Annotated[str, typer.Option(help="jsonl suites: math, exact or contains.")] = "math",
+    time_limit: Annotated[float | None, typer.Option(help="Minutes; start no new question after (rerun to continue).")] = None,
+    max_model_len: Annotated[int, typer.Option(help="Context window of the in-process engine.")] = 4096,
+    plots: Annotated[bool, typer.Option(help="Write PNG plots.")] = True,
+) -> None:
+    """Evaluate strategies on a verifiable task suite: accuracy per layer, compute, intervals."""
+    from .evaluate import evaluate, parse_strategies, summary_markdown
+    from .tasks import load_suite
+
+    try:
+        configs = parse_strategies(strategies, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        suite = load_suite(tasks, n=n, seed=seed, checker=checker)  # type: ignore[arg-type]
+    except (ValueError, ImportError) as exc:
+        _err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    _err.print(f"{len(suite)} tasks from {tasks}; strategies: {', '.join(configs)}")
+
+    async def main() -> dict:
+        backend = make_backend(model, base_url, max_model_len)
+        try:
+            return await evaluate(
+                backend,
+                suite,
+                configs,
+                out,
+                concurrency=concurrency,
+                time_limit_s=time_limit * 60 if time_limit else None,
+                plots=plots,
+            )
+        finally:
+            await backend.aclose()
+
+    summary = asyncio.run(main())
+    sys.stdout.write(summary_markdown(summary))  # plain: rich would wrap the tables and eat [..]
+    _err.print(f"records, summary.json, summary.md and plots in {out}")
+
 if __name__ == "__main__":  # pragma: no cover
     app()

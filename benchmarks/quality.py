@@ -48,6 +48,7 @@ from aft_graph.evaluate import (  # noqa: E402
     evaluate,
     grid_strategies,
     load_records,
+    summarize,
     summary_markdown,
 )
 from aft_graph.plots import write_plots  # noqa: E402
@@ -162,6 +163,16 @@ async def _grid(args) -> None:
     _write_results(Path(args.runs))
 
 
+def _fresh_summary(out: Path) -> dict:
+    # Recompute the metrics from the records, so that `report` reflects the current metric code;
+    # keep the run facts (suite, wall time, shared samples) from the saved summary.
+    saved = json.loads((out / "summary.json").read_text())
+    order = list(saved["strategies"])
+    records = [r for r in load_records(out) if r.get("error") is None and r["strategy"] in order]
+    fresh = summarize(sorted(records, key=lambda r: order.index(r["strategy"])))
+    return {**saved, **fresh}
+
+
 def _keep_notes(path: Path) -> str:
     if not path.is_file():
         return f"{NOTES_START}\n{NOTES_END}"
@@ -206,7 +217,7 @@ def _write_results(runs: Path) -> None:
         lines.append("")
     compare = runs / "compare"
     if (compare / "summary.json").is_file():
-        summary = json.loads((compare / "summary.json").read_text())
+        summary = _fresh_summary(compare)
         meta = json.loads((compare / "meta.json").read_text()) if (compare / "meta.json").is_file() else {}
         plots = write_plots(summary, DOCS, prefix="quality_")
         records = load_records(compare)
@@ -236,7 +247,7 @@ def _write_results(runs: Path) -> None:
             lines += [f"![{path.stem}]({path.name})", ""]
     grid = runs / "grid"
     if (grid / "summary.json").is_file():
-        summary = json.loads((grid / "summary.json").read_text())
+        summary = _fresh_summary(grid)
         meta = json.loads((grid / "meta.json").read_text()) if (grid / "meta.json").is_file() else {}
         plots = write_plots(summary, DOCS, prefix="grid_")
         wall = sum(s["wall_s"] for s in meta.get("sessions", []))
