@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from enum import StrEnum
 from typing import Annotated
@@ -40,6 +41,25 @@ class _Strategy(StrEnum):
     self_consistency = "self_consistency"
     best_of_n = "best_of_n"
     self_refine = "self_refine"
+
+
+def _arun(main):
+    """``asyncio.run`` that also turns SIGTERM into cancellation.
+
+    vLLM's engine core is a separate process; without this a terminated CLI would leave it (and
+    its memory) behind, because the ``finally: await backend.aclose()`` blocks never ran.
+    """
+
+    async def guarded():
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+        return await main()
+
+    try:
+        return asyncio.run(guarded())
+    except asyncio.CancelledError:
+        _err.print("[yellow]terminated: the engine was shut down[/yellow]")
+        raise typer.Exit(143) from None
 
 
 def make_backend(model: str, base_url: list[str] | None, max_model_len: int, lora: bool = False):
@@ -145,7 +165,7 @@ def run(
         finally:
             await backend.aclose()
 
-    result = asyncio.run(main())
+    result = _arun(main)
     if as_json:
         json.dump({k: result[k] for k in ("answer", "layers", "usage")}, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -203,7 +223,7 @@ def eval_(
         finally:
             await backend.aclose()
 
-    summary = asyncio.run(main())
+    summary = _arun(main)
     sys.stdout.write(summary_markdown(summary))  # plain: rich would wrap the tables and eat [..]
     _err.print(f"records, summary.json, summary.md and plots in {out}")
 
