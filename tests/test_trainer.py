@@ -1,0 +1,670 @@
+"""The trainer without an engine: records and bad data, proposals, selection, aggregation targets,
+training examples (same prompt as the graph's aggregator, loss masking), export checks, the CLI.
+
+Generation goes through ``ScriptedBackend``; only the small model's tokenizer is loaded (for the
+chat template and the masking checks).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from aft_graph.backends import GenerationRequest, ScriptedBackend
+from aft_graph.prompts import AFT_TEMPLATE, RSA_TEMPLATE, aggregation_messages, proposal_messages
+from trainer.aggregations import aggregation_request, build_aggregations, rejected_path
+from trainer.cli import app
+from trainer.config import (
+    AggregationConfig,
+    OffPolicyConfig,
+    ProposalConfig,
+    SelectConfig,
+    SFTConfig,
+)
+from trainer.export import adapter_info, export_adapter
+from trainer.proposals import ICL_STOP, load_offpolicy, sample_proposals, write_offpolicy
+from trainer.records import (
+    AggregationRecord,
+    DataReport,
+    JsonlWriter,
+    Proposal,
+    ProposalRecord,
+    TaskRecord,
+    read_records,
+    written_ids,
+)
+from trainer.select import (
+    DatasetReward,
+    JudgeReward,
+    VerifierReward,
+    select_proposals,
+    top_k,
+)
+from trainer.sft import (
+    IGNORE_INDEX,
+    CompletionCollator,
+    build_examples,
+    example_messages,
+    tokenize_example,
+)
+from trainer.tasks import Verifier, generate_tasks
+
+Q = "Calculate 2 + 3.\n\nGive the final answer inside <answer></answer> tags, for example <answer>7</answer>."
+
+
+def task(i: int = 0, answer: str = "5", question: str = Q) -> TaskRecord:
+    return TaskRecord(id=f"t{i}", question=question, answer=answer, task="basic_arithmetic")
+
+
+def precord(i: int, texts: list[str], rewards: list[float | None] | None = None) -> ProposalRecord:
+    rewards = rewards or [None] * len(texts)
+    return ProposalRecord(
+        **task(i).task_fields(),
+        proposals=[Proposal(text=t, reward=r) for t, r in zip(texts, rewards, strict=True)],
+    )
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    with path.open("w") as fh:
+        for row in rows:
+            fh.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(small_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(small_model_dir)
+
+
+# ------------------------------------------------------------------ records and bad data
+
+
+class TestRecords:
+    def test_bad_rows_are_counted_and_skipped(self, tmp_path):
+        good = precord(0, ["a", "b"]).model_dump()
+        path = write_jsonl(
+            tmp_path / "p.jsonl",
+            [
+                good,
+                {"id": "x1", "proposals": [{"text": "a"}]},  # missing question
+                {"id": "x2", "question": "q", "proposals": []},  # empty proposals
+                {"id": "x3", "question": "  ", "proposals": [{"text": "a"}]},  # empty question
+                {"id": "x4", "question": "q", "proposals": [{"text": ""}]},  # empty proposal text
+                "{not json",
+                "[1, 2]",
+                {**good, "id": "long", "question": "x" * 5000},  # over-long
+                {**good, "id": "t9"},
+            ],
+        )
+        report = DataReport(stage="test")
+        rows = list(read_records(path, ProposalRecord, report, max_chars=2000))
+        assert [r.id for r in rows] == ["t0", "t9"]
+        assert report.read == 9
+        assert report.total_skipped == 7
+        assert report.skipped["missing question"] == 1
+        assert report.skipped["empty proposals"] == 1
+        assert report.skipped["empty question"] == 1
+        assert report.skipped["empty proposals.text"] == 1
+        assert report.skipped["bad json"] == 2
+        assert report.skipped["over-long"] == 1
+        assert "missing question" in report.summary()
+        assert report.examples  # first few details kept for the log
+
+    def test_missing_file_is_a_clear_error(self, tmp_path):
+        with pytest.raises(FileNotFoundError, match="previous `aft-train` stage"):
+            list(read_records(tmp_path / "nope.jsonl", TaskRecord))
+
+    def test_writer_resumes_and_drops_a_half_written_line(self, tmp_path):
+        path = tmp_path / "out.jsonl"
+        with JsonlWriter(path) as w:
+            w.write(task(0))
+            w.write(task(1))
+        with path.open("a") as fh:
+            fh.write('{"id": "t2", "question": "cut in the mid')  # a killed process
+        assert written_ids(path) == {"t0", "t1"}
+        with JsonlWriter(path) as w:
+            assert w.done == {"t0", "t1"}
+            w.write(task(2))
+        lines = path.read_text().splitlines()
+        assert [json.loads(line)["id"] for line in lines] == ["t0", "t1", "t2"]
+
+    def test_numeric_ids_become_strings(self):
+        assert TaskRecord(id=7, question="q").id == "7"
+
+
+# ------------------------------------------------------------------ tasks and the verifier
+
+
+class TestTasksAndVerifier:
+    def test_generate_is_seeded_and_heldout_excludes_training(self):
+        a = generate_tasks(size=10, seed=0)
+        b = generate_tasks(size=10, seed=0)
+        assert [t.question for t in a] == [t.question for t in b]
+        assert len({t.id for t in a}) == 10
+        assert {t.task for t in a} == {"basic_arithmetic", "chain_sum"}
+        assert all("<answer></answer>" in t.question for t in a)
+        held = generate_tasks(size=10, seed=1, exclude={t.question.split("\n\n")[0] for t in a})
+        assert not {t.question for t in held} & {t.question for t in a}
+
+    def test_unknown_dataset(self):
+        from trainer.tasks import TaskSpec
+
+        with pytest.raises(ValueError, match="unknown reasoning-gym"):
+            generate_tasks([TaskSpec(name="nope")], 2)
+
+    def test_reasoning_gym_scores_the_extracted_answer(self):
+        v = Verifier()
+        t = generate_tasks(size=4, seed=3)[0]
+        assert v.score(t, f"so <answer>{t.answer}</answer>") == 1.0
+        assert v.score(t, f"\\boxed{{{t.answer}}}") == 1.0
+        assert v.score(t, "<answer>123456</answer>") < 1.0
+        assert v.score(t, "") == 0.0
+        assert v.accepts(t, f"<answer>{t.answer}</answer>")
+
+    def test_lenient_last_number_reading(self):
+        t = task()
+        strict, lenient = Verifier(), Verifier(last_number=True)
+        assert not strict.accepts(t, "2 + 3 = 5")  # reasoning-gym gives only partial credit
+        assert lenient.score(t, "2 + 3 = 5") == 1.0
+        assert lenient.score(t, "5 is wrong, it is 6") == 0.0
+        # A stated tag still wins over the last number.
+        assert lenient.score(t, "<answer>5</answer> (not 6)") == 1.0
+        assert lenient.score(t, "no digits here") == 0.0
+
+    def test_math_verify_without_a_task_name(self):
+        v = Verifier()
+        t = TaskRecord(id="m", question="half?", answer="1/2")
+        assert v.score(t, "\\boxed{0.5}") == 1.0
+        assert v.score(t, "\\boxed{0.6}") == 0.0
+        with pytest.raises(ValueError, match="reward model or a judge"):
+            v.score(TaskRecord(id="n", question="poem?"), "<answer>x</answer>")
+
+
+# ------------------------------------------------------------------ proposals
+
+
+class TestProposals:
+    async def test_on_policy_chat_sampling(self, tmp_path):
+        backend = ScriptedBackend(lambda req, i: f"sample {i}")
+        tasks = [task(i) for i in range(3)]
+        cfg = ProposalConfig(samples=3)
+        report = await sample_proposals(backend, tasks, cfg, tmp_path / "p.jsonl", show_progress=False)
+        assert report.kept == 3
+        assert len(backend.calls) == 3
+        call = backend.calls[0]
+        assert list(call.messages) == proposal_messages(Q)
+        s = call.sampling
+        assert (s.n, s.temperature, s.top_k, s.top_p) == (3, 1.0, 50, 0.95)
+        rows = list(read_records(tmp_path / "p.jsonl", ProposalRecord))
+        assert [p.text for p in rows[0].proposals] == ["sample 0", "sample 1", "sample 2"]
+        assert rows[0].policy == "on" and rows[0].answer == "5"
+
+    async def test_icl_mode_for_base_models(self, tmp_path):
+        backend = ScriptedBackend(lambda req, i: " <answer>5</answer>")
+        tasks = [task(i, answer=str(i)) for i in range(4)]
+        cfg = ProposalConfig(mode="icl", samples=1, icl_shots=2)
+        await sample_proposals(backend, tasks, cfg, tmp_path / "p.jsonl", show_progress=False)
+        call = backend.calls[0]
+        assert call.messages is None and call.prompt is not None
+        assert call.prompt.count("Question:") == 3  # two worked examples + the question
+        assert call.prompt.rstrip().endswith("Answer:")
+        assert "<answer>" in call.prompt  # the shots show the answer format
+        assert call.sampling.stop == ICL_STOP
+
+    async def test_empty_proposals_failures_and_resume(self, tmp_path):
+        def respond(req, i):
+            return "" if i == 0 else "ok"
+
+        backend = ScriptedBackend(
+            respond, fail=lambda req: "t1" in str(req.messages) and False
+        )
+        out = tmp_path / "p.jsonl"
+        tasks = [task(0), task(1, question="Never answered."), task(2, question="Also fine.")]
+
+        class Rejecting(ScriptedBackend):
+            async def generate(self, request: GenerationRequest):
+                if "Never" in request.messages[-1]["content"]:
+                    from aft_graph.backends import BackendError
+
+                    raise BackendError("rejected")
+                return await super().generate(request)
+
+        backend = Rejecting(respond)
+        report = await sample_proposals(backend, tasks, ProposalConfig(samples=2), out, show_progress=False)
+        assert report.kept == 2
+        assert report.skipped["backend error"] == 1
+        assert report.notes["empty proposals dropped"] == 2
+        # A second run only redoes what is missing.
+        again = ScriptedBackend(respond)
+        report2 = await sample_proposals(again, tasks, ProposalConfig(samples=2), out, show_progress=False)
+        assert len(again.calls) == 1 and report2.kept == 1
+        assert report2.notes["already written (resumed)"] == 2
+        assert written_ids(out) == {"t0", "t1", "t2"}
+
+    def test_off_policy_ultrafeedback_layout_with_bad_rows(self, tmp_path):
+        rows = [
+            {"prompt": "Say hi", "completions": [{"response": "hi", "overall_score": 7}, {"response": "hello", "overall_score": 9}]},
+            {"prompt": "", "completions": [{"response": "x"}]},
+            {"completions": [{"response": "x"}]},
+            {"prompt": "Q", "completions": "not a list"},
+            {"prompt": "Q", "completions": [{"response": ""}, {"other": 1}]},
+            {"prompt": "Q2", "completions": [{"response": "a", "overall_score": "bad"}]},
+            "{broken",
+        ]
+        src = write_jsonl(tmp_path / "uf.jsonl", rows)
+        cfg = OffPolicyConfig(source=str(src), score_key="overall_score")
+        report = DataReport(stage="off")
+        got = list(load_offpolicy(cfg, report))
+        assert [g.question for g in got] == ["Say hi", "Q2"]
+        assert [p.reward for p in got[0].proposals] == [7.0, 9.0]
+        assert got[1].proposals[0].reward is None
+        assert all(g.policy == "off" for g in got)
+        assert report.read == 7 and report.kept == 2
+        assert report.skipped == {
+            "empty prompt": 1,
+            "missing prompt": 1,
+            "invalid completions": 1,
+            "no usable response": 1,
+            "bad json": 1,
+        }
+
+    def test_off_policy_from_hf_datasets_directory(self, tmp_path):
+        import datasets
+
+        ds = datasets.Dataset.from_list(
+            [{"instruction": "2+2?", "responses": ["4", "5"], "ref": "4"}] * 2
+        )
+        ds.save_to_disk(str(tmp_path / "ds"))
+        cfg = OffPolicyConfig(
+            source=str(tmp_path / "ds"), prompt_field="instruction", responses_field="responses",
+            response_key=None, answer_field="ref",
+        )
+        out = tmp_path / "p.jsonl"
+        report = write_offpolicy(cfg, out)
+        rows = list(read_records(out, ProposalRecord))
+        assert report.kept == 2 and [r.texts() for r in rows] == [["4", "5"], ["4", "5"]]
+        assert rows[0].answer == "4"
+
+
+# ------------------------------------------------------------------ selection
+
+
+class TestSelection:
+    def test_top_k_keeps_exactly_the_k_best(self):
+        rec = precord(0, ["a", "b", "c", "d", "e", "f"])
+        rewards = [0.1, 0.9, 0.5, 0.9, 0.0, 0.7]
+        kept = top_k(rec, rewards, 3, reward_name="verifier")
+        assert kept is not None
+        # 0.9 (b), 0.9 (d: tie, later), 0.7 (f); kept in sampling order.
+        assert kept.texts() == ["b", "d", "f"]
+        assert [p.reward for p in kept.proposals] == [0.9, 0.9, 0.7]
+        assert kept.selected_by == "verifier"
+        best_first = top_k(rec, [0.1, 0.9, 0.5, 0.95, 0.0, 0.7], 3, order="reward")
+        assert best_first.texts() == ["d", "b", "f"]
+        # Ties go to the earlier proposal.
+        assert top_k(rec, [1.0] * 6, 2).texts() == ["a", "b"]
+        assert top_k(rec, rewards, 10).texts() == list("abcdef")
+        assert top_k(rec, rewards, 3, min_reward=0.8).texts() == ["b", "d"]
+        assert top_k(rec, rewards, 3, min_reward=2.0) is None
+        with pytest.raises(ValueError, match="rewards"):
+            top_k(rec, [1.0], 1)
+
+    async def test_select_by_verifier_records_rewards(self, tmp_path):
+        texts = ["<answer>4</answer>", "<answer>5</answer>", "no idea", "2+3 = <answer>5</answer>", "\\boxed{6}"]
+        records = [precord(0, texts), precord(1, ["<answer>5</answer>"])]
+        out = tmp_path / "s.jsonl"
+        report = await select_proposals(records, VerifierReward(), SelectConfig(k=2), out, show_progress=False)
+        got = list(read_records(out, ProposalRecord))
+        assert got[0].texts() == ["<answer>5</answer>", "2+3 = <answer>5</answer>"]
+        assert [p.reward for p in got[0].proposals] == [1.0, 1.0]
+        assert got[1].texts() == ["<answer>5</answer>"]
+        assert report.kept == 2 and report.notes["queries with fewer than K=2 proposals"] == 1
+
+    async def test_dataset_reward_and_missing_scores(self, tmp_path):
+        records = [precord(0, ["a", "b", "c"], [1, 3, 2]), precord(1, ["x"], [None])]
+        report = await select_proposals(
+            records, DatasetReward(), SelectConfig(k=2, reward="dataset"), tmp_path / "s.jsonl",
+            show_progress=False,
+        )
+        got = list(read_records(tmp_path / "s.jsonl", ProposalRecord))
+        assert got[0].texts() == ["b", "c"]
+        assert report.skipped["reward failed"] == 1
+
+    async def test_judge_reward_through_a_backend(self, tmp_path):
+        def judge(req, i):
+            text = req.messages[0]["content"]
+            return "Fine. Score: 9" if "GOOD" in text else ("Bad. Score: 2" if "BAD" in text else "hmm")
+
+        backend = ScriptedBackend(judge)
+        reward = JudgeReward(backend)
+        rec = precord(0, ["BAD one", "GOOD one", "unclear one"])
+        assert await reward.score(rec) == [0.2, 0.9, 0.0]
+        assert reward.unreadable == 1
+        assert backend.calls[0].sampling.temperature == 0.0
+        kept = top_k(rec, await reward.score(rec), 1)
+        assert kept.texts() == ["GOOD one"]
+
+    async def test_reward_model(self, tmp_path, tokenizer):
+        import torch
+        from transformers import LlamaConfig, LlamaForSequenceClassification
+
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=2, num_labels=1,
+            pad_token_id=tokenizer.pad_token_id or 0,
+        )
+        LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+        tokenizer.save_pretrained(tmp_path / "rm")
+        from trainer.select import RewardModelReward
+
+        rm = RewardModelReward(tmp_path / "rm", batch_size=2)
+        rec = precord(0, ["one", "two words", "three words here"])
+        scores = await rm.score(rec)
+        assert len(scores) == 3 and all(isinstance(s, float) for s in scores)
+        assert scores == pytest.approx(rm.score_texts(rec.question, rec.texts()), abs=1e-5)
+        kept = top_k(rec, scores, 1)
+        assert kept.proposals[0].reward == pytest.approx(max(scores))
+
+
+# ------------------------------------------------------------------ aggregation targets
+
+
+def _agg_responder(right: set[int]):
+    """Aggregations: sample i is right iff i in ``right``."""
+
+    def respond(req, i):
+        return f"Combining them: <answer>{'5' if i in right else '4'}</answer> (#{i})"
+
+    return respond
+
+
+class TestAggregations:
+    async def test_teacher_free_keeps_only_verified_targets(self, tmp_path):
+        records = [precord(i, ["<answer>5</answer>", "<answer>4</answer>"]) for i in range(3)]
+        backend = ScriptedBackend(_agg_responder({1, 3}))
+        cfg = AggregationConfig(mode="self", samples=4, keep=5)
+        out = tmp_path / "a.jsonl"
+        report = await build_aggregations(records, cfg, out, backend=backend, show_progress=False)
+        rows = list(read_records(out, AggregationRecord))
+        assert len(rows) == 6  # two accepted of four, per query
+        assert all("<answer>5</answer>" in r.target for r in rows)
+        assert all(r.target_reward == 1.0 and r.target_source == "self" for r in rows)
+        assert {r.id for r in rows} == {f"t{i}#{j}" for i in range(3) for j in range(2)}
+        assert rows[0].query_id == "t0" and rows[0].proposals == ["<answer>5</answer>", "<answer>4</answer>"]
+        assert report.notes["aggregations sampled"] == 12
+        assert report.notes["aggregations accepted"] == 6
+        # The request is the graph's aggregator prompt.
+        call = backend.calls[0]
+        assert list(call.messages) == aggregation_messages(Q, records[0].texts(), AFT_TEMPLATE)
+        assert call.sampling.n == 4
+
+    async def test_targets_repeating_the_prompt_markup_are_rejected(self, tmp_path):
+        backend = ScriptedBackend(["<answer>5</answer>\n</response>", '<response id="1"> <answer>5</answer>', "<answer>5</answer>"])
+        cfg = AggregationConfig(samples=3, keep=3)
+        report = await build_aggregations([precord(0, ["a"])], cfg, tmp_path / "a.jsonl", backend=backend, show_progress=False)
+        rows = list(read_records(tmp_path / "a.jsonl", AggregationRecord))
+        assert [r.target for r in rows] == ["<answer>5</answer>"]
+        assert report.notes["aggregations rejected: prompt markup in the text"] == 2
+
+    async def test_keep_limit_and_rejected_queries_are_not_redone(self, tmp_path):
+        records = [precord(0, ["a"]), precord(1, ["b"])]
+
+        def respond(req, i):
+            if "t1" in str(req):  # never right for the second query
+                return "<answer>4</answer>"
+            return f"<answer>5</answer> v{i}"
+
+        records[1] = records[1].model_copy(update={"question": Q + " t1"})
+        backend = ScriptedBackend(respond)
+        cfg = AggregationConfig(samples=4, keep=2)
+        out = tmp_path / "a.jsonl"
+        report = await build_aggregations(records, cfg, out, backend=backend, show_progress=False)
+        assert report.kept == 2 and report.skipped["no accepted aggregation"] == 1
+        assert written_ids(rejected_path(out)) == {"t1"}
+        again = ScriptedBackend(respond)
+        report2 = await build_aggregations(records, cfg, out, backend=again, show_progress=False)
+        assert again.calls == [] and report2.notes["already done (resumed)"] == 2
+
+    async def test_teacher_mode_with_and_without_verification(self, tmp_path):
+        records = [precord(0, ["x", "y", "z"])]
+        teacher = ScriptedBackend(_agg_responder(set()))  # always wrong
+        cfg = AggregationConfig(mode="teacher", samples=1, k=2, template="rsa")
+        rep = await build_aggregations(records, cfg, tmp_path / "v.jsonl", backend=teacher, show_progress=False)
+        assert rep.kept == 0
+        assert list(teacher.calls[0].messages) == aggregation_messages(Q, ["x", "y"], RSA_TEMPLATE)
+        cfg = cfg.model_copy(update={"verify": False})
+        rep = await build_aggregations(records, cfg, tmp_path / "nv.jsonl", backend=teacher, show_progress=False)
+        row = next(read_records(tmp_path / "nv.jsonl", AggregationRecord))
+        assert rep.kept == 1 and row.target_source == "teacher" and row.template == "rsa"
+        assert row.proposals == ["x", "y"]
+
+    async def test_pseudo_aggregations(self, tmp_path):
+        records = [precord(0, ["p1", "p2", "p3"]), precord(1, ["q1"]).model_copy(update={"answer": None})]
+        ref = await build_aggregations(records, AggregationConfig(mode="reference"), tmp_path / "r.jsonl")
+        rows = list(read_records(tmp_path / "r.jsonl", AggregationRecord))
+        assert [r.target for r in rows] == ["<answer>5</answer>"]
+        assert rows[0].target_source == "reference" and rows[0].proposals == ["p1", "p2", "p3"]
+        assert ref.skipped["no reference answer"] == 1
+        await build_aggregations(records, AggregationConfig(mode="proposal"), tmp_path / "p.jsonl")
+        rows = list(read_records(tmp_path / "p.jsonl", AggregationRecord))
+        assert rows[0].target in {"p1", "p2", "p3"} and rows[1].target == "q1"
+
+    async def test_over_long_prompts_are_counted(self, tmp_path):
+        records = [precord(0, ["word " * 50]), precord(1, ["short"])]
+        cfg = AggregationConfig(samples=1)
+        room = ScriptedBackend().count_prompt_tokens(aggregation_request(records[1], cfg)) + 10
+        backend = ScriptedBackend(_agg_responder({0}), context_window=room)
+        rep = await build_aggregations(
+            records, cfg, tmp_path / "a.jsonl", backend=backend,
+            show_progress=False,
+        )
+        assert rep.skipped["over-long prompt"] == 1 and rep.kept == 1
+
+    def test_self_mode_needs_a_backend(self, tmp_path):
+        import asyncio
+
+        with pytest.raises(ValueError, match="backend"):
+            asyncio.run(build_aggregations([], AggregationConfig(), tmp_path / "a.jsonl"))
+        with pytest.raises(ValueError, match="unknown aggregation template"):
+            asyncio.run(build_aggregations([], AggregationConfig(template="nope"), tmp_path / "a.jsonl"))
+
+
+# ------------------------------------------------------------------ training examples
+
+
+def arecord(proposals=("2 + 3 = 6", "The sum is <answer>5</answer>"), target="2 + 3 = 5, so <answer>5</answer>") -> AggregationRecord:
+    return AggregationRecord(
+        **task(0).task_fields(), query_id="t0", proposals=list(proposals), target=target
+    )
+
+
+class TestTrainingExamples:
+    def test_messages_equal_the_inference_prompt(self):
+        rec = arecord()
+        assert example_messages(rec) == aggregation_messages(rec.question, rec.proposals, AFT_TEMPLATE)
+        rsa = rec.model_copy(update={"template": "rsa"})
+        assert example_messages(rsa) == aggregation_messages(rec.question, rec.proposals, RSA_TEMPLATE)
+        # Ablation: no proposals in the input = the plain proposal prompt.
+        assert example_messages(rec, input_mode="plain") == proposal_messages(rec.question)
+
+    async def test_messages_equal_what_the_graph_sends(self):
+        graph_mod = pytest.importorskip("aft_graph.graph")
+        from aft_graph.config import AggregateConfig
+
+        backend = ScriptedBackend()
+        config = AggregateConfig(strategy="propose_aggregate", proposals=3, layers=1)
+        graph = graph_mod.build_graph(backend, config)
+        result = await graph.ainvoke({"question": Q})
+        proposal_calls = [c for c in backend.calls if c.messages[-1]["content"] == Q.strip()]
+        agg_calls = [c for c in backend.calls if c not in proposal_calls]
+        assert len(proposal_calls) == 3 and len(agg_calls) == 3
+        proposals = result["layers"][0]["texts"]
+        rec = AggregationRecord(
+            id="g#0", question=Q, proposals=proposals, target=result["answer"], template="aft"
+        )
+        assert example_messages(rec) == list(agg_calls[0].messages)
+        assert list(agg_calls[0].messages) == aggregation_messages(
+            Q, proposals, config.resolved_template
+        )
+
+    def test_loss_mask_covers_exactly_the_aggregation(self, tokenizer):
+        rec = arecord()
+        messages = example_messages(rec)
+        ex = tokenize_example(tokenizer, messages, rec.target)
+        ids, labels = ex["input_ids"], ex["labels"]
+        assert len(ids) == len(labels) == len(ex["attention_mask"])
+        # The prompt part is exactly what an engine feeds the model at inference.
+        prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        n = len(prompt_ids)
+        assert ids[:n] == prompt_ids
+        assert all(label == IGNORE_INDEX for label in labels[:n])
+        assert labels[n:] == ids[n:] and all(label != IGNORE_INDEX for label in labels[n:])
+        target_text = tokenizer.decode(ids[n:])
+        assert target_text.startswith(rec.target)
+        assert target_text.replace(rec.target, "").strip() == "<|im_end|>"
+        # Every proposal token and the query sit in the masked part.
+        masked_text = tokenizer.decode(ids[:n])
+        for p in rec.proposals:
+            assert p in masked_text and p not in target_text
+        assert "Calculate 2 + 3." in masked_text
+
+    def test_build_examples_counts_bad_rows_and_mixes_plain(self, tmp_path, tokenizer):
+        good = arecord().model_dump()
+        rows = [
+            good,
+            {**good, "id": "t1#0", "query_id": "t1"},
+            {**good, "id": "bad1", "target": ""},
+            {**good, "id": "bad2", "target": None},
+            {k: v for k, v in good.items() if k != "question"},
+            {**good, "id": "long#0", "query_id": "long", "proposals": ["many words " * 400]},
+            "garbage",
+        ]
+        data = write_jsonl(tmp_path / "a.jsonl", rows)
+        cfg = SFTConfig(data=(data,), output_dir=tmp_path / "run", max_seq_len=512, plain_fraction=0.5)
+        report = DataReport(stage="sft")
+        examples = build_examples(tokenizer, cfg, report=report)
+        kinds = [e["kind"] for e in examples]
+        assert kinds.count("aggregation") == 2
+        # 0.5 x 3 valid rows -> 2 plain examples from distinct queries (the long row's query
+        # is short without its proposals).
+        assert kinds.count("plain") == 2
+        assert report.skipped["empty target"] == 1
+        assert report.skipped["invalid target"] == 1
+        assert report.skipped["missing question"] == 1
+        assert report.skipped["bad json"] == 1
+        assert report.skipped["over-long"] == 1
+        plain = next(e for e in examples if e["kind"] == "plain")
+        n = sum(label == IGNORE_INDEX for label in plain["labels"])
+        assert "<response" not in tokenizer.decode(plain["input_ids"][:n])
+
+    def test_plain_ablation_and_plain_data_file(self, tmp_path, tokenizer):
+        data = write_jsonl(tmp_path / "a.jsonl", [arecord().model_dump()])
+        plain_rows = write_jsonl(
+            tmp_path / "plain.jsonl",
+            [
+                precord(5, ["low", "high"], [0.1, 0.9]).model_dump(),
+                {"id": "x", "question": "q?", "target": "an answer"},
+                {"id": "y", "question": "nothing"},
+            ],
+        )
+        cfg = SFTConfig(data=(data,), output_dir=tmp_path / "r", input_mode="plain")
+        (ex,) = build_examples(tokenizer, cfg)
+        assert ex["kind"] == "plain"
+        cfg = SFTConfig(data=(data,), output_dir=tmp_path / "r", plain_fraction=1.0, plain_data=plain_rows, seed=1)
+        report = DataReport(stage="sft")
+        examples = build_examples(tokenizer, cfg, report=report)
+        assert [e["kind"] for e in examples] == ["aggregation", "plain"]
+        assert report.skipped["plain data: no target or proposal"] == 1
+
+    def test_collator_pads_labels_with_ignore_index(self):
+        collate = CompletionCollator(pad_token_id=0)
+        batch = collate(
+            [
+                {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "attention_mask": [1, 1, 1]},
+                {"input_ids": [5], "labels": [5], "attention_mask": [1]},
+            ]
+        )
+        assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
+        assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]
+        assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+    def test_sft_config_validation(self, tmp_path):
+        from pydantic import ValidationError
+
+        with pytest.raises(ValidationError, match="at least one data file"):
+            SFTConfig(data=(), output_dir=tmp_path)
+        with pytest.raises(ValidationError):
+            SFTConfig(data=(tmp_path,), output_dir=tmp_path, input_mode="nope")
+        assert SFTConfig.model_fields["plain_fraction"].description  # help text for the CLI
+
+
+# ------------------------------------------------------------------ export checks
+
+
+class TestExport:
+    def test_adapter_checks(self, tmp_path):
+        with pytest.raises(FileNotFoundError, match="not a LoRA adapter"):
+            adapter_info(tmp_path)
+        (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 32, "base_model_name_or_path": "x"}))
+        with pytest.raises(FileNotFoundError, match="no adapter weights"):
+            adapter_info(tmp_path)
+        (tmp_path / "adapter_model.safetensors").write_bytes(b"0")
+        assert adapter_info(tmp_path)["r"] == 32
+        with pytest.raises(ValueError, match="max_lora_rank"):
+            adapter_info(tmp_path, max_rank=16)
+        out = export_adapter(tmp_path, tmp_path.parent / "copy")
+        assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ command line
+
+
+class TestCli:
+    def test_tasks_select_aggregations_pipeline(self, tmp_path):
+        runner = CliRunner()
+        tasks = tmp_path / "tasks.jsonl"
+        r = runner.invoke(app, ["tasks", "--out", str(tasks), "--size", "4"])
+        assert r.exit_code == 0, r.output
+        rows = [json.loads(line) for line in tasks.read_text().splitlines()]
+        proposals = tmp_path / "p.jsonl"
+        write_jsonl(
+            proposals,
+            [
+                {**row, "proposals": [{"text": "<answer>0</answer>"}, {"text": f"<answer>{row['answer']}</answer>"}]}
+                for row in rows
+            ]
+            + [{"id": "bad", "question": "q", "proposals": []}],
+        )
+        sel = tmp_path / "s.jsonl"
+        r = runner.invoke(app, ["select", "--data", str(proposals), "--out", str(sel), "--k", "1"])
+        assert r.exit_code == 0, r.output
+        assert re.search(r"kept 4", r.output) and "empty proposals" in r.output
+        kept = list(read_records(sel, ProposalRecord))
+        assert all(rec.proposals[0].reward == 1.0 for rec in kept)
+        agg = tmp_path / "a.jsonl"
+        r = runner.invoke(app, ["aggregations", "--data", str(sel), "--out", str(agg), "--mode", "reference"])
+        assert r.exit_code == 0, r.output
+        assert len(list(read_records(agg, AggregationRecord))) == 4
+
+    def test_config_file_and_bad_options(self, tmp_path):
+        runner = CliRunner()
+        cfg = tmp_path / "c.json"
+        cfg.write_text(json.dumps({"k": 0}))
+        write_jsonl(tmp_path / "p.jsonl", [])
+        r = runner.invoke(app, ["select", "--data", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "s"), "--config", str(cfg)])
+        assert r.exit_code != 0 and "k" in r.output
+        r = runner.invoke(app, ["proposals", "--out", str(tmp_path / "x.jsonl")])
+        assert r.exit_code != 0 and "--tasks" in r.output
+
+    def test_help_lists_every_stage(self):
+        r = CliRunner().invoke(app, ["--help"])
+        for command in ("proposals", "select", "aggregations", "sft", "export", "demo"):
+            assert command in r.output

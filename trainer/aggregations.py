@@ -1,0 +1,192 @@
+"""Aggregation targets: what the aggregator is trained to write for (query, K proposals).
+
+Modes (``AggregationConfig.mode``):
+
+- ``self`` (teacher-free): sample aggregations from the model itself with the inference prompt
+  and keep only those the verifier accepts (rejection sampling);
+- ``teacher``: a teacher model's aggregation through any backend (verified too, unless
+  ``verify=False`` for unverifiable data);
+- ``reference`` / ``proposal``: pseudo-aggregations that are not derived from the proposals (the
+  reference answer; a random kept proposal), for the ablations.
+
+The prompt is :func:`aft_graph.prompts.aggregation_messages` with the template the graph uses, so
+the training input is exactly the inference input. One query may give several examples (``keep``
+distinct accepted targets): their ids are ``<query id>#<j>`` with ``query_id`` set. Queries with
+no accepted target are listed in ``<out>.rejected.jsonl``, so a resumed job does not redo them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+from aft_graph.backends.base import Backend, GenerationRequest, derive_seed
+from aft_graph.prompts import TEMPLATES, PromptTemplate, aggregation_messages
+
+from ._run import bounded_map, progress
+from .config import AggregationConfig
+from .records import AggregationRecord, DataReport, JsonlWriter, ProposalRecord
+from .tasks import Verifier
+
+__all__ = ["aggregation_request", "build_aggregations", "get_template", "rejected_path"]
+
+
+def get_template(name: str) -> PromptTemplate:
+    """A template of :data:`aft_graph.prompts.TEMPLATES` by name."""
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown aggregation template {name!r}; known: {', '.join(TEMPLATES)}"
+        ) from None
+
+
+def _leaks_markup(text: str, template: PromptTemplate) -> bool:
+    """Whether a target repeats the prompt's proposal markup (``<response id=...>``, ``</response>``)."""
+    head = template.proposal.split("{", 1)[0].strip()  # e.g. '<response id="'
+    tail = template.proposal.rsplit("}", 1)[-1].strip()  # e.g. '</response>'
+    markers = [m for m in (head[:9], tail) if len(m) >= 3 and m.startswith("<")]
+    return any(m in text for m in markers)
+
+
+def rejected_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.stem + ".rejected.jsonl")
+
+
+def _proposals_of(record: ProposalRecord, config: AggregationConfig) -> tuple[list[str], list]:
+    kept = record.proposals[: config.k] if config.k else record.proposals
+    return [p.text for p in kept], [p.reward for p in kept]
+
+
+def aggregation_request(
+    record: ProposalRecord, config: AggregationConfig
+) -> GenerationRequest:
+    """The aggregation request for a record: the graph's aggregator prompt, sampled n times."""
+    texts, _ = _proposals_of(record, config)
+    messages = aggregation_messages(record.question, texts, get_template(config.template))
+    return GenerationRequest(
+        messages=tuple(messages),
+        sampling=config.sampling(derive_seed(config.seed, "aggregation", record.id)),
+        lora=config.lora,
+    )
+
+
+async def build_aggregations(
+    records: Iterable[ProposalRecord],
+    config: AggregationConfig,
+    out: str | Path,
+    *,
+    backend: Backend | None = None,
+    verifier: Verifier | None = None,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> DataReport:
+    """Write AggregationRecords for every record not yet done (resumable, bad rows counted)."""
+    get_template(config.template)  # fail early on a bad name
+    records = list(records)
+    report = DataReport(stage=f"aggregations ({config.mode})", read=len(records))
+    if config.mode in ("self", "teacher") and backend is None:
+        raise ValueError(f"mode={config.mode!r} samples aggregations: give a backend")
+    verifier = verifier or Verifier(config.answer_format, last_number=config.last_number)
+    must_verify = config.mode == "self" or (config.mode == "teacher" and config.verify)
+    template = get_template(config.template)
+
+    with (
+        JsonlWriter(out, overwrite=overwrite, key="query_id") as writer,
+        JsonlWriter(rejected_path(out), overwrite=overwrite) as rejected,
+    ):
+        done = writer.done | rejected.done
+        todo = [r for r in records if r.id not in done]
+        if len(todo) < len(records):
+            report.note("already done (resumed)", len(records) - len(todo))
+
+        def emit(record: ProposalRecord, targets: list[tuple[str, float | None]]) -> None:
+            texts, rewards = _proposals_of(record, config)
+            for j, (target, reward) in enumerate(targets):
+                writer.write(
+                    AggregationRecord(
+                        **{**record.task_fields(), "id": f"{record.id}#{j}"},
+                        query_id=record.id,
+                        proposals=texts,
+                        proposal_rewards=rewards,
+                        target=target,
+                        target_source=config.mode,
+                        target_reward=reward,
+                        template=config.template,
+                        policy=record.policy,
+                    )
+                )
+                report.kept += 1
+
+        def reject(record: ProposalRecord, reason: str) -> None:
+            report.skip(reason, record.id)
+            rejected.write({"id": record.id, "reason": reason})
+
+        if config.mode in ("reference", "proposal"):
+            for record in todo:
+                if config.mode == "reference":
+                    if record.answer is None:
+                        reject(record, "no reference answer")
+                        continue
+                    target = config.reference_format.replace("{answer}", record.answer)
+                    emit(record, [(target, None)])
+                else:
+                    texts, _ = _proposals_of(record, config)
+                    rng = random.Random(derive_seed(config.rng_seed, "pseudo", record.id))
+                    emit(record, [(rng.choice(texts), None)])
+            return report
+
+        assert backend is not None
+        with progress(
+            f"aggregations ({config.mode}, {config.samples}/query)", len(todo), enabled=show_progress
+        ) as advance:
+            async for record, completions, error in bounded_map(
+                todo,
+                lambda r: backend.generate(aggregation_request(r, config)),
+                concurrency=config.concurrency,
+            ):
+                advance()
+                if error is not None:
+                    reason = "over-long prompt" if "context window" in str(error) else "backend error"
+                    reject(record, reason)
+                    continue
+                report.note("aggregations sampled", len(completions or []))
+                targets: list[tuple[str, float | None]] = []
+                seen: set[str] = set()
+                unverifiable = False
+                for c in completions or []:
+                    text = c.text.strip()
+                    if not text:
+                        report.note("empty aggregations")
+                        continue
+                    if c.finish_reason == "length":
+                        report.note("aggregations cut by max_tokens")
+                    if _leaks_markup(text, template):
+                        report.note("aggregations rejected: prompt markup in the text")
+                        continue
+                    reward = None
+                    if must_verify:
+                        try:
+                            reward = verifier.score(record, text)
+                        except ValueError as exc:
+                            reject(record, "not verifiable")
+                            if len(report.examples) < 5:
+                                report.examples.append(str(exc)[:300])
+                            unverifiable = True
+                            break
+                        if reward < verifier.threshold:
+                            continue
+                    report.note("aggregations accepted")
+                    if text in seen or len(targets) >= config.keep:
+                        continue
+                    seen.add(text)
+                    targets.append((text, reward))
+                if unverifiable:
+                    continue
+                if targets:
+                    emit(record, targets)
+                else:
+                    reject(record, "no accepted aggregation")
+    return report

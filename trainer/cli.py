@@ -1,0 +1,371 @@
+"""``aft-train``: build the AFT aggregator, stage by stage or all at once (``demo``).
+
+Stages read and write jsonl and resume when rerun::
+
+    aft-train tasks --out data/tasks.jsonl --size 256
+    aft-train proposals --tasks data/tasks.jsonl --out data/proposals.jsonl --model small
+    aft-train proposals --from-data ultrafeedback.jsonl --out data/proposals.jsonl  # off-policy
+    aft-train select --data data/proposals.jsonl --out data/selected.jsonl --k 4
+    aft-train aggregations --data data/selected.jsonl --out data/aggregations.jsonl --mode self
+    aft-train sft --data data/aggregations.jsonl --out runs/aft --model small
+    aft-train export --adapter runs/aft/adapter --out runs/aft/merged --merged
+    aft-train demo --out runs/train-demo
+
+Every command also takes ``--config FILE.json`` with fields of its configuration class
+(:mod:`trainer.config`); options given on the command line win. ``accelerate launch -m trainer sft
+...`` runs the SFT stage on several devices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .config import (
+    AggregationConfig,
+    DemoConfig,
+    OffPolicyConfig,
+    ProposalConfig,
+    SelectConfig,
+    SFTConfig,
+    help_of,
+)
+
+app = typer.Typer(
+    name="aft-train",
+    help="Build the AFT aggregator: proposals -> selection -> aggregation targets -> LoRA SFT -> export.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+ConfigFile = Annotated[
+    Path | None, typer.Option("--config", help="JSON file with fields of this stage's config.")
+]
+Engine = Annotated[
+    str, typer.Option("--engine", help="vllm (in-process, LoRA serving), hf (transformers) or openai.")
+]
+BaseUrl = Annotated[
+    str | None, typer.Option("--base-url", help="OpenAI-compatible server (engine=openai).")
+]
+MaxLen = Annotated[int, typer.Option("--max-model-len", help="Engine context window.")]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Start the output afresh instead of resuming.")
+]
+
+
+def _h(config: type, field: str) -> str:
+    return help_of(config, field)
+
+
+def _build(cls, config_file: Path | None, **options: Any):
+    """A config from a JSON file overlaid with the options given (None = not given)."""
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        data.update(json.loads(Path(config_file).read_text()))
+    data.update({k: v for k, v in options.items() if v is not None})
+    try:
+        return cls(**data)
+    except Exception as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+def _terminate_gracefully() -> None:
+    """Turn SIGTERM into SystemExit so the engine's clean-up runs (no orphaned vLLM processes)."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def _print_report(report) -> None:
+    report.print()
+
+
+async def _with_backend(model: str, engine: str, base_url: str | None, max_len: int, fn):
+    from .backend import make_backend
+
+    backend = make_backend(model, engine=engine, base_url=base_url, max_model_len=max_len)  # type: ignore[arg-type]
+    try:
+        return await fn(backend)
+    finally:
+        await backend.aclose()
+
+
+@app.command()
+def tasks(
+    out: Annotated[Path, typer.Option(help="Output jsonl of TaskRecords.")],
+    size: Annotated[int, typer.Option(help="Number of queries.")] = 64,
+    seed: Annotated[int, typer.Option(help="Generator seed (another seed: a held-out set).")] = 0,
+    mix: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated reasoning-gym data sets with default configs "
+                     "(default: simple basic_arithmetic + chain_sum)."),
+    ] = None,
+    answer_format: Annotated[str, typer.Option(help="tag, boxed or none.")] = "tag",
+) -> None:
+    """Generate verifiable queries offline with reasoning-gym."""
+    from .records import JsonlWriter
+    from .tasks import DEFAULT_MIX, TaskSpec, generate_tasks
+
+    specs = tuple(TaskSpec(name=n.strip()) for n in mix.split(",")) if mix else DEFAULT_MIX
+    records = generate_tasks(specs, size, seed=seed, answer_format=answer_format)
+    with JsonlWriter(out, overwrite=True) as writer:
+        writer.write_all(records)
+    typer.echo(f"wrote {len(records)} queries to {out}")
+
+
+@app.command()
+def proposals(
+    out: Annotated[Path, typer.Option(help="Output jsonl of ProposalRecords.")],
+    tasks: Annotated[
+        Path | None, typer.Option(help="On-policy: jsonl of queries (TaskRecords: id, question[, answer, task]).")
+    ] = None,
+    model: Annotated[str, typer.Option(help="Model being trained: small, default, a directory, or a served name.")] = "small",
+    from_data: Annotated[str | None, typer.Option("--from-data", help=_h(OffPolicyConfig, "source"))] = None,
+    prompt_field: Annotated[str | None, typer.Option(help=_h(OffPolicyConfig, "prompt_field"))] = None,
+    responses_field: Annotated[str | None, typer.Option(help=_h(OffPolicyConfig, "responses_field"))] = None,
+    response_key: Annotated[str | None, typer.Option(help=_h(OffPolicyConfig, "response_key"))] = None,
+    score_key: Annotated[str | None, typer.Option(help=_h(OffPolicyConfig, "score_key"))] = None,
+    answer_field: Annotated[str | None, typer.Option(help=_h(OffPolicyConfig, "answer_field"))] = None,
+    limit: Annotated[int | None, typer.Option(help=_h(OffPolicyConfig, "limit"))] = None,
+    mode: Annotated[str | None, typer.Option(help=_h(ProposalConfig, "mode"))] = None,
+    samples: Annotated[int | None, typer.Option(help=_h(ProposalConfig, "samples"))] = None,
+    temperature: Annotated[float | None, typer.Option(help=_h(ProposalConfig, "temperature"))] = None,
+    top_k: Annotated[int | None, typer.Option(help=_h(ProposalConfig, "top_k"))] = None,
+    top_p: Annotated[float | None, typer.Option(help=_h(ProposalConfig, "top_p"))] = None,
+    max_tokens: Annotated[int | None, typer.Option(help=_h(ProposalConfig, "max_tokens"))] = None,
+    seed: Annotated[int | None, typer.Option(help=_h(ProposalConfig, "seed"))] = None,
+    lora: Annotated[str | None, typer.Option(help=_h(ProposalConfig, "lora"))] = None,
+    engine: Engine = "vllm",
+    base_url: BaseUrl = None,
+    max_model_len: MaxLen = 2048,
+    overwrite: Overwrite = False,
+    config: ConfigFile = None,
+) -> None:
+    """Proposals: sample on-policy from the model (--tasks) or load off-policy (--from-data)."""
+    from .proposals import sample_proposals, write_offpolicy
+    from .records import DataReport, TaskRecord, read_records
+
+    if from_data:
+        cfg = _build(
+            OffPolicyConfig, config, source=from_data, prompt_field=prompt_field,
+            responses_field=responses_field, response_key=response_key, score_key=score_key,
+            answer_field=answer_field, limit=limit,
+        )
+        _print_report(write_offpolicy(cfg, out, overwrite=overwrite))
+        return
+    if tasks is None:
+        raise typer.BadParameter("give --tasks FILE (on-policy sampling) or --from-data SOURCE (off-policy)")
+    cfg = _build(
+        ProposalConfig, config, mode=mode, samples=samples, temperature=temperature, top_k=top_k,
+        top_p=top_p, max_tokens=max_tokens, seed=seed, lora=lora,
+    )
+    rep = DataReport(stage="tasks")
+    queries = list(read_records(tasks, TaskRecord, rep))
+    if rep.skipped:
+        rep.kept = len(queries)
+        _print_report(rep)
+    _terminate_gracefully()
+    report = asyncio.run(
+        _with_backend(
+            model, engine, base_url, max_model_len,
+            lambda b: sample_proposals(b, queries, cfg, out, overwrite=overwrite),
+        )
+    )
+    _print_report(report)
+
+
+@app.command()
+def select(
+    data: Annotated[Path, typer.Option(help="Input jsonl of ProposalRecords.")],
+    out: Annotated[Path, typer.Option(help="Output jsonl: the top-K proposals per query, with rewards.")],
+    k: Annotated[int | None, typer.Option(help=_h(SelectConfig, "k"))] = None,
+    reward: Annotated[str | None, typer.Option(help=_h(SelectConfig, "reward"))] = None,
+    min_reward: Annotated[float | None, typer.Option(help=_h(SelectConfig, "min_reward"))] = None,
+    reward_model: Annotated[str | None, typer.Option(help=_h(SelectConfig, "reward_model"))] = None,
+    judge_model: Annotated[str | None, typer.Option(help="reward=judge: the judge model (small, default, a directory or served name).")] = None,
+    order: Annotated[str | None, typer.Option(help=_h(SelectConfig, "order"))] = None,
+    last_number: Annotated[bool | None, typer.Option("--last-number/--strict", help=_h(SelectConfig, "last_number"))] = None,
+    answer_format: Annotated[str | None, typer.Option(help=_h(SelectConfig, "answer_format"))] = None,
+    engine: Engine = "vllm",
+    base_url: BaseUrl = None,
+    max_model_len: MaxLen = 2048,
+    overwrite: Overwrite = False,
+    config: ConfigFile = None,
+) -> None:
+    """Keep the top-K proposals per query by a reward (verifier, reward model, judge, data set)."""
+    from .records import DataReport, ProposalRecord, read_records
+    from .select import make_reward, select_proposals
+
+    cfg = _build(
+        SelectConfig, config, k=k, reward=reward, min_reward=min_reward, reward_model=reward_model,
+        order=order, answer_format=answer_format, last_number=last_number,
+    )
+    rep = DataReport(stage=f"select (top-{cfg.k} by {cfg.reward})")
+    records = list(read_records(data, ProposalRecord, rep))
+
+    async def run(backend=None):
+        return await select_proposals(records, make_reward(cfg, backend), cfg, out, overwrite=overwrite, report=rep)
+
+    if cfg.reward == "judge":
+        if not judge_model:
+            raise typer.BadParameter("--reward judge needs --judge-model")
+        report = asyncio.run(_with_backend(judge_model, engine, base_url, max_model_len, run))
+    else:
+        report = asyncio.run(run())
+    _print_report(report)
+
+
+@app.command()
+def aggregations(
+    data: Annotated[Path, typer.Option(help="Input jsonl of (selected) ProposalRecords.")],
+    out: Annotated[Path, typer.Option(help="Output jsonl of AggregationRecords (training examples).")],
+    mode: Annotated[str | None, typer.Option(help=_h(AggregationConfig, "mode"))] = None,
+    model: Annotated[str, typer.Option(help="mode=self: the model being trained; mode=teacher: the teacher model.")] = "small",
+    samples: Annotated[int | None, typer.Option(help=_h(AggregationConfig, "samples"))] = None,
+    keep: Annotated[int | None, typer.Option(help=_h(AggregationConfig, "keep"))] = None,
+    verify: Annotated[bool | None, typer.Option("--verify/--no-verify", help=_h(AggregationConfig, "verify"))] = None,
+    temperature: Annotated[float | None, typer.Option(help=_h(AggregationConfig, "temperature"))] = None,
+    max_tokens: Annotated[int | None, typer.Option(help=_h(AggregationConfig, "max_tokens"))] = None,
+    template: Annotated[str | None, typer.Option(help=_h(AggregationConfig, "template"))] = None,
+    k: Annotated[int | None, typer.Option(help=_h(AggregationConfig, "k"))] = None,
+    seed: Annotated[int | None, typer.Option(help=_h(AggregationConfig, "seed"))] = None,
+    lora: Annotated[str | None, typer.Option(help=_h(AggregationConfig, "lora"))] = None,
+    last_number: Annotated[bool | None, typer.Option("--last-number/--strict", help=_h(AggregationConfig, "last_number"))] = None,
+    engine: Engine = "vllm",
+    base_url: BaseUrl = None,
+    max_model_len: MaxLen = 2048,
+    overwrite: Overwrite = False,
+    config: ConfigFile = None,
+) -> None:
+    """Aggregation targets: teacher, teacher-free (self + verifier), or pseudo (ablations)."""
+    from .aggregations import build_aggregations
+    from .records import DataReport, ProposalRecord, read_records
+
+    cfg = _build(
+        AggregationConfig, config, mode=mode, samples=samples, keep=keep, verify=verify,
+        temperature=temperature, max_tokens=max_tokens, template=template, k=k, seed=seed, lora=lora,
+        last_number=last_number,
+    )
+    rep = DataReport(stage="selected proposals")
+    records = list(read_records(data, ProposalRecord, rep))
+    if rep.skipped:
+        rep.kept = len(records)
+        _print_report(rep)
+    if cfg.mode in ("reference", "proposal"):
+        report = asyncio.run(build_aggregations(records, cfg, out, overwrite=overwrite))
+    else:
+        _terminate_gracefully()
+        report = asyncio.run(
+            _with_backend(
+                model, engine, base_url, max_model_len,
+                lambda b: build_aggregations(records, cfg, out, backend=b, overwrite=overwrite),
+            )
+        )
+    _print_report(report)
+
+
+@app.command()
+def sft(
+    data: Annotated[list[Path], typer.Option(help=_h(SFTConfig, "data"))],
+    out: Annotated[Path, typer.Option(help=_h(SFTConfig, "output_dir"))],
+    model: Annotated[str | None, typer.Option(help=_h(SFTConfig, "model"))] = None,
+    input_mode: Annotated[str | None, typer.Option(help=_h(SFTConfig, "input_mode"))] = None,
+    plain_fraction: Annotated[float | None, typer.Option(help=_h(SFTConfig, "plain_fraction"))] = None,
+    plain_data: Annotated[Path | None, typer.Option(help=_h(SFTConfig, "plain_data"))] = None,
+    max_seq_len: Annotated[int | None, typer.Option(help=_h(SFTConfig, "max_seq_len"))] = None,
+    lora_r: Annotated[int | None, typer.Option(help=_h(SFTConfig, "lora_r"))] = None,
+    lora_alpha: Annotated[int | None, typer.Option(help=_h(SFTConfig, "lora_alpha"))] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr", help=_h(SFTConfig, "learning_rate"))] = None,
+    epochs: Annotated[float | None, typer.Option(help=_h(SFTConfig, "epochs"))] = None,
+    max_steps: Annotated[int | None, typer.Option("--steps", help=_h(SFTConfig, "max_steps"))] = None,
+    batch_size: Annotated[int | None, typer.Option(help=_h(SFTConfig, "batch_size"))] = None,
+    grad_accum: Annotated[int | None, typer.Option(help=_h(SFTConfig, "grad_accum"))] = None,
+    save_steps: Annotated[int | None, typer.Option(help=_h(SFTConfig, "save_steps"))] = None,
+    resume: Annotated[bool | None, typer.Option("--resume/--no-resume", help=_h(SFTConfig, "resume"))] = None,
+    seed: Annotated[int | None, typer.Option(help=_h(SFTConfig, "seed"))] = None,
+    config: ConfigFile = None,
+) -> None:
+    """LoRA SFT on (query + proposals -> aggregation), loss on the aggregation tokens only."""
+    from .sft import train_sft
+
+    cfg = _build(
+        SFTConfig, config, data=tuple(data), output_dir=out, model=model, input_mode=input_mode,
+        plain_fraction=plain_fraction, plain_data=plain_data, max_seq_len=max_seq_len,
+        lora_r=lora_r, lora_alpha=lora_alpha, learning_rate=learning_rate, epochs=epochs,
+        max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, save_steps=save_steps,
+        resume=resume, seed=seed,
+    )
+    result = train_sft(cfg)
+    if result.report is not None:
+        result.report.print()
+    typer.echo(
+        f"trained {result.steps} steps on {result.examples} examples; loss "
+        f"{result.first_loss} -> {result.last_loss}; adapter: {result.adapter_dir}"
+    )
+
+
+@app.command()
+def export(
+    adapter: Annotated[Path, typer.Option(help="The adapter directory `aft-train sft` wrote.")],
+    out: Annotated[Path, typer.Option(help="Output directory.")],
+    merged: Annotated[bool, typer.Option("--merged/--adapter-only", help="Write a merged model (default) or copy the adapter.")] = True,
+    base_model: Annotated[str | None, typer.Option(help="Base model (default: the adapter's own).")] = None,
+    dtype: Annotated[str, typer.Option(help="Merged weights dtype (float32 keeps small deltas).")] = "float32",
+    max_rank: Annotated[int | None, typer.Option(help="Refuse adapters above this rank (vLLM max_lora_rank).")] = None,
+) -> None:
+    """Export the adapter (served per request) or a merged model directory (a plain model path)."""
+    from .export import export_adapter, export_merged
+
+    if merged:
+        path = export_merged(adapter, out, base_model=base_model, dtype=dtype)
+        typer.echo(f"merged model written to {path} (load it as a model path)")
+    else:
+        path = export_adapter(adapter, out, max_rank=max_rank)
+        typer.echo(f"adapter copied to {path} (GenerationRequest(lora='{path}'))")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help=_h(DemoConfig, "out"))] = Path("runs/train-demo"),
+    model: Annotated[str | None, typer.Option(help=_h(DemoConfig, "model"))] = None,
+    train_size: Annotated[int | None, typer.Option(help=_h(DemoConfig, "train_size"))] = None,
+    eval_size: Annotated[int | None, typer.Option(help=_h(DemoConfig, "eval_size"))] = None,
+    proposals: Annotated[int | None, typer.Option(help=_h(DemoConfig, "proposals"))] = None,
+    k: Annotated[int | None, typer.Option(help=_h(DemoConfig, "k"))] = None,
+    aggregation_samples: Annotated[int | None, typer.Option(help=_h(DemoConfig, "aggregation_samples"))] = None,
+    mode: Annotated[str | None, typer.Option(help=_h(DemoConfig, "mode"))] = None,
+    steps: Annotated[int | None, typer.Option(help=_h(DemoConfig, "steps"))] = None,
+    learning_rate: Annotated[float | None, typer.Option("--lr", help="SFT learning rate.")] = None,
+    seed: Annotated[int | None, typer.Option(help=_h(DemoConfig, "seed"))] = None,
+    merged: Annotated[bool | None, typer.Option("--merged/--no-merged", help=_h(DemoConfig, "merged"))] = None,
+    last_number: Annotated[bool | None, typer.Option("--last-number/--strict", help=_h(DemoConfig, "last_number"))] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Delete the run directory first (default: resume).")] = False,
+    config: ConfigFile = None,
+) -> None:
+    """The whole recipe on the small model over a reasoning-gym mix; writes OUT/report.md."""
+    from .demo import run_demo
+
+    cfg = _build(
+        DemoConfig, config, out=out, model=model, train_size=train_size, eval_size=eval_size,
+        proposals=proposals, k=k, aggregation_samples=aggregation_samples, mode=mode, steps=steps,
+        learning_rate=learning_rate, seed=seed, merged=merged, last_number=last_number,
+    )
+    _terminate_gracefully()
+    summary = asyncio.run(run_demo(cfg, fresh=fresh))
+    h, s = summary["heldout"], summary["sft"]
+    typer.echo(
+        f"loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}; held-out aggregator accuracy "
+        f"{h['aggregator_before']:.2f} -> {h['aggregator_after']:.2f}; "
+        f"total {summary['timings_s']['total']} s"
+    )
+
+
+if __name__ == "__main__":  # `python -m trainer.cli` / `accelerate launch -m trainer.cli sft ...`
+    app()

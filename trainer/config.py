@@ -1,0 +1,287 @@
+"""Configuration of every stage of the AFT recipe (pydantic, each field with its help text).
+
+The command line (:mod:`trainer.cli`) takes its option help from these descriptions, and every
+command also accepts ``--config FILE.json`` holding any of these fields. The ablations of the AFT
+paper are configuration, not code:
+
+- no proposals in the input (plain SFT): ``SFTConfig(input_mode="plain")``;
+- pseudo-aggregations (targets not derived from the proposals):
+  ``AggregationConfig(mode="reference")`` (the reference answer) or ``mode="proposal"``
+  (a random kept proposal);
+- on- vs off-policy proposals: ``aft-train proposals`` (sampled from the model being trained)
+  vs ``aft-train proposals --from-data FILE`` (:class:`OffPolicyConfig`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from aft_graph.answers import AnswerFormat
+from aft_graph.backends.base import Sampling
+
+__all__ = [
+    "AggregationConfig",
+    "DemoConfig",
+    "OffPolicyConfig",
+    "ProposalConfig",
+    "SFTConfig",
+    "SelectConfig",
+    "help_of",
+]
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+def help_of(config: type[BaseModel], field: str) -> str:
+    """The description of a config field (the CLI's option help)."""
+    return config.model_fields[field].description or ""
+
+
+class ProposalConfig(_Config):
+    """On-policy proposals: sampled from the model being trained, through any backend."""
+
+    mode: Literal["chat", "icl"] = Field(
+        "chat",
+        description="chat: the question as a chat turn (instruct models, the graph's own proposal "
+        "prompt); icl: a raw few-shot prompt (base models).",
+    )
+    samples: int = Field(4, ge=1, description="Proposals sampled per query.")
+    temperature: float = Field(1.0, ge=0.0, le=5.0, description="Sampling temperature.")
+    top_k: int | None = Field(50, ge=0, description="Top-k sampling (0/None: off).")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_tokens: int = Field(256, ge=1, description="Maximum new tokens per proposal.")
+    seed: int | None = Field(
+        0, description="Base seed: each query's request gets a seed derived from it and the query "
+        "id (reproducible sampling; None: unseeded)."
+    )
+    system: str | None = Field(None, description="System message of chat proposals.")
+    icl_shots: int = Field(
+        3, ge=0, description="icl mode: worked examples (other queries with their reference "
+        "answers) in front of each question."
+    )
+    drop_truncated: bool = Field(
+        False, description="Drop proposals cut by max_tokens (finish_reason=length)."
+    )
+    concurrency: int = Field(16, ge=1, description="Requests in flight at once.")
+    lora: str | None = Field(None, description="LoRA adapter to sample from (iterated rounds).")
+
+    def sampling(self, seed: int | None = None) -> Sampling:
+        return Sampling(
+            n=self.samples,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            max_tokens=self.max_tokens,
+            seed=seed,
+        )
+
+
+class OffPolicyConfig(_Config):
+    """Off-policy proposals: several responses per prompt read from a data set.
+
+    The default fields follow UltraFeedback's layout: ``{"prompt": ..., "completions":
+    [{"response": ..., "overall_score": ...}, ...]}``.
+    """
+
+    source: str = Field(
+        description="A .jsonl/.json file, a directory written by datasets' save_to_disk, or "
+        "anything datasets.load_dataset() reads locally (parquet/json directory)."
+    )
+    split: str = Field("train", description="Split to read (HF datasets).")
+    prompt_field: str = Field("prompt", description="Field holding the query.")
+    responses_field: str = Field(
+        "completions", description="Field holding the list of responses."
+    )
+    response_key: str | None = Field(
+        "response",
+        description="Key of the text inside each response object (None: responses are strings).",
+    )
+    score_key: str | None = Field(
+        None,
+        description="Key of a score inside each response object (e.g. overall_score); kept as "
+        "the proposal's reward so that --reward dataset can select by it.",
+    )
+    answer_field: str | None = Field(None, description="Field with a reference answer, if any.")
+    id_field: str | None = Field(None, description="Field with a row id (default: row number).")
+    limit: int | None = Field(None, ge=1, description="Read at most this many rows.")
+
+
+class SelectConfig(_Config):
+    """Top-K selection of proposals per query by a reward."""
+
+    reward: Literal["verifier", "reward_model", "judge", "dataset"] = Field(
+        "verifier",
+        description="verifier: the task's own scorer (reasoning-gym score_answer, math-verify); "
+        "reward_model: a transformers sequence-classification model; judge: an LLM through a "
+        "backend; dataset: scores loaded with the proposals (off-policy).",
+    )
+    k: int = Field(4, ge=1, description="Proposals kept per query (top-K by reward).")
+    min_reward: float | None = Field(
+        None, description="Also drop proposals below this reward (rows left empty are skipped)."
+    )
+    answer_format: AnswerFormat = Field(
+        "auto", description="Where the verifier looks for the answer (tag, boxed, text, auto)."
+    )
+    last_number: bool = Field(
+        False,
+        description="Verifier: without an <answer> tag or \\boxed{}, read the last number stated "
+        "(lenient, for numeric tasks and weak models).",
+    )
+    reward_model: str | None = Field(
+        None, description="reward_model: local model directory of a sequence-classification model."
+    )
+    judge_max_tokens: int = Field(128, ge=8, description="judge: tokens for the verdict.")
+    order: Literal["original", "reward"] = Field(
+        "original",
+        description="Order of the kept proposals: original (sampling order, as at inference) or "
+        "reward (best first).",
+    )
+
+
+class AggregationConfig(_Config):
+    """Aggregation targets: from a teacher, teacher-free (self + verifier), or pseudo (ablation)."""
+
+    mode: Literal["self", "teacher", "reference", "proposal"] = Field(
+        "self",
+        description="self: sample aggregations from the model itself with the inference prompt and "
+        "keep only verifier-accepted ones (rejection sampling); teacher: a teacher model's "
+        "aggregation through any backend; reference / proposal: pseudo-aggregations not derived "
+        "from the proposals (the reference answer / a random kept proposal) for ablations.",
+    )
+    samples: int = Field(4, ge=1, description="Aggregations sampled per query (self / teacher).")
+    keep: int = Field(1, ge=1, description="Accepted targets kept per query (distinct texts).")
+    verify: bool = Field(
+        True,
+        description="Keep only targets the verifier accepts (always on in self mode; teacher mode "
+        "may turn it off for unverifiable data).",
+    )
+    temperature: float = Field(0.8, ge=0.0, le=5.0, description="Sampling temperature.")
+    top_k: int | None = Field(50, ge=0, description="Top-k sampling.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_tokens: int = Field(256, ge=1, description="Maximum new tokens per aggregation.")
+    seed: int | None = Field(0, description="Base seed of the requests (see ProposalConfig).")
+    template: str = Field(
+        "aft", description="Aggregation prompt template from aft_graph.prompts.TEMPLATES."
+    )
+    k: int | None = Field(
+        None, ge=1, description="Proposals per prompt (first K of each record; None: all)."
+    )
+    answer_format: AnswerFormat = Field("auto", description="Where the verifier finds answers.")
+    last_number: bool = Field(
+        False, description="Verifier: without a tag or \\boxed{}, read the last number stated."
+    )
+    reference_format: str = Field(
+        "<answer>{answer}</answer>",
+        description="mode=reference: how a reference answer becomes a target ({answer}).",
+    )
+    concurrency: int = Field(16, ge=1, description="Requests in flight at once.")
+    lora: str | None = Field(None, description="LoRA adapter of the sampling model (self mode).")
+    rng_seed: int = Field(0, description="Seed of the random choices (mode=proposal).")
+
+    def sampling(self, seed: int | None = None) -> Sampling:
+        return Sampling(
+            n=self.samples,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            max_tokens=self.max_tokens,
+            seed=seed,
+        )
+
+
+class SFTConfig(_Config):
+    """LoRA fine-tuning of the aggregator (peft + transformers Trainer; `accelerate launch` scales it)."""
+
+    model: str = Field("small", description="Base model: 'small', 'default' or a model directory.")
+    data: tuple[Path, ...] = Field(description="AggregationRecord jsonl file(s).")
+    output_dir: Path = Field(description="Run directory: checkpoints/, adapter/, sft_log.json.")
+    input_mode: Literal["aggregation", "plain"] = Field(
+        "aggregation",
+        description="aggregation: (query + proposals -> target), the AFT input; plain: (query -> "
+        "target) with no proposals (the plain-SFT ablation).",
+    )
+    plain_fraction: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Add plain (query -> response) examples: this fraction of the aggregation "
+        "examples' count, taken from --plain-data or else from the targets themselves.",
+    )
+    plain_data: Path | None = Field(
+        None, description="jsonl of plain examples: records with a question and a target, or "
+        "ProposalRecords (their best proposal is the response)."
+    )
+    template: str | None = Field(
+        None, description="Override the records' aggregation template (aft_graph.prompts)."
+    )
+    max_seq_len: int = Field(2048, ge=16, description="Longer examples are skipped (counted).")
+    lora_r: int = Field(8, ge=1, le=256, description="LoRA rank (vLLM engines cap it: max_lora_rank).")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    target_modules: tuple[str, ...] = Field(
+        ("q_proj", "k_proj", "v_proj", "o_proj"), description="Modules that get adapters."
+    )
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored with max_steps).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: epochs).")
+    batch_size: int = Field(4, ge=1, description="Examples per device per step.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    lr_scheduler: str = Field("linear", description="transformers scheduler name.")
+    weight_decay: float = Field(0.0, ge=0.0)
+    logging_steps: int = Field(1, ge=1, description="Log the loss every N steps.")
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps.")
+    save_total_limit: int | None = Field(2, description="Checkpoints kept.")
+    resume: bool = Field(
+        True, description="Resume from the last checkpoint in output_dir/checkpoints if any."
+    )
+    seed: int = Field(0, description="Training seed (data order, LoRA init).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Training dtype (float32 on a CPU)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    shuffle_proposals: bool = Field(
+        False, description="Shuffle each example's proposals (position robustness)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SFTConfig:
+        if not self.data:
+            raise ValueError("give at least one data file (AggregationRecord jsonl)")
+        return self
+
+
+class DemoConfig(_Config):
+    """The whole recipe on a reasoning-gym task mix (``aft-train demo``)."""
+
+    out: Path = Field(Path("runs/train-demo"), description="Run directory.")
+    model: str = Field("small", description="Model to train (and to sample from).")
+    train_size: int = Field(40, ge=2, description="Training queries.")
+    eval_size: int = Field(12, ge=1, description="Held-out queries (before/after comparison).")
+    seed: int = Field(0, description="Task and training seed.")
+    answer_format: Literal["tag", "boxed"] = Field("tag", description="How answers are asked for.")
+    last_number: bool = Field(
+        True,
+        description="Lenient verifier: a response without an <answer> tag is read by its last "
+        "number (the small model rarely follows the format instruction; the report also gives "
+        "the rate of tagged answers).",
+    )
+    proposals: int = Field(6, ge=1, description="Proposals sampled per query.")
+    k: int = Field(4, ge=1, description="Proposals kept per query (top-K by the verifier).")
+    proposal_tokens: int = Field(80, ge=8, description="Max tokens per proposal.")
+    aggregation_samples: int = Field(6, ge=1, description="Self-aggregations sampled per query.")
+    aggregation_temperature: float = Field(0.7, ge=0.0, description="Self-aggregation temperature.")
+    aggregation_tokens: int = Field(80, ge=8, description="Max tokens per aggregation.")
+    keep: int = Field(2, ge=1, description="Verified aggregations kept per query.")
+    mode: Literal["self", "reference", "proposal"] = Field(
+        "self", description="Aggregation targets (self = teacher-free rejection sampling)."
+    )
+    steps: int = Field(40, ge=1, description="SFT optimizer steps.")
+    batch_size: int = Field(4, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    lora_r: int = Field(8, ge=1, le=16)
+    max_model_len: int = Field(2048, ge=256, description="vLLM context window.")
+    merged: bool = Field(True, description="Also export a merged model directory.")
