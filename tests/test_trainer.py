@@ -217,13 +217,22 @@ class TestProposals:
         assert "<answer>" in call.prompt  # the shots show the answer format
         assert call.sampling.stop == ICL_STOP
 
+    async def test_auto_mode_picks_icl_for_a_base_model(self, tmp_path):
+        class BaseModelBackend(ScriptedBackend):
+            class tokenizer:  # noqa: N801 - stands in for a tokenizer without a chat template
+                chat_template = None
+
+        base = BaseModelBackend(lambda req, i: "<answer>1</answer>")
+        await sample_proposals(base, [task(0), task(1)], ProposalConfig(samples=1), tmp_path / "b.jsonl", show_progress=False)
+        assert base.calls[0].prompt is not None and base.calls[0].messages is None
+        chat = ScriptedBackend(lambda req, i: "<answer>1</answer>")
+        report = await sample_proposals(chat, [task(0)], ProposalConfig(samples=1), tmp_path / "c.jsonl", show_progress=False)
+        assert chat.calls[0].messages is not None and report.notes["chat prompts"] == 1
+
     async def test_empty_proposals_failures_and_resume(self, tmp_path):
         def respond(req, i):
             return "" if i == 0 else "ok"
 
-        backend = ScriptedBackend(
-            respond, fail=lambda req: "t1" in str(req.messages) and False
-        )
         out = tmp_path / "p.jsonl"
         tasks = [task(0), task(1, question="Never answered."), task(2, question="Also fine.")]
 

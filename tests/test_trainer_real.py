@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 MARKER = "After checking every response"
 SUFFIX = "\n\nGive the final answer inside <answer></answer> tags, for example <answer>7</answer>."
-STEPS = 10
+STEPS = 6
 
 
 def _records() -> list[AggregationRecord]:

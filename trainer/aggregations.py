@@ -161,8 +161,9 @@ async def build_aggregations(
                     if not text:
                         report.note("empty aggregations")
                         continue
-                    if c.finish_reason == "length":
-                        report.note("aggregations cut by max_tokens")
+                    if c.finish_reason == "length" and config.drop_truncated:
+                        report.note("aggregations rejected: cut by max_tokens")
+                        continue
                     if _leaks_markup(text, template):
                         report.note("aggregations rejected: prompt markup in the text")
                         continue

@@ -45,10 +45,11 @@ def help_of(config: type[BaseModel], field: str) -> str:
 class ProposalConfig(_Config):
     """On-policy proposals: sampled from the model being trained, through any backend."""
 
-    mode: Literal["chat", "icl"] = Field(
-        "chat",
+    mode: Literal["auto", "chat", "icl"] = Field(
+        "auto",
         description="chat: the question as a chat turn (instruct models, the graph's own proposal "
-        "prompt); icl: a raw few-shot prompt (base models).",
+        "prompt); icl: a raw few-shot prompt (base models); auto: icl when the backend's "
+        "tokenizer has no chat template, else chat.",
     )
     samples: int = Field(4, ge=1, description="Proposals sampled per query.")
     temperature: float = Field(1.0, ge=0.0, le=5.0, description="Sampling temperature.")
@@ -160,6 +161,9 @@ class AggregationConfig(_Config):
         description="Keep only targets the verifier accepts (always on in self mode; teacher mode "
         "may turn it off for unverifiable data).",
     )
+    drop_truncated: bool = Field(
+        True, description="Reject targets cut by max_tokens (finish_reason=length): not a whole answer."
+    )
     temperature: float = Field(0.8, ge=0.0, le=5.0, description="Sampling temperature.")
     top_k: int | None = Field(50, ge=0, description="Top-k sampling.")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass.")
@@ -260,7 +264,7 @@ class DemoConfig(_Config):
     out: Path = Field(Path("runs/train-demo"), description="Run directory.")
     model: str = Field("small", description="Model to train (and to sample from).")
     train_size: int = Field(40, ge=2, description="Training queries.")
-    eval_size: int = Field(12, ge=1, description="Held-out queries (before/after comparison).")
+    eval_size: int = Field(16, ge=1, description="Held-out queries (before/after comparison).")
     seed: int = Field(0, description="Task and training seed.")
     answer_format: Literal["tag", "boxed"] = Field("tag", description="How answers are asked for.")
     last_number: bool = Field(
@@ -271,17 +275,17 @@ class DemoConfig(_Config):
     )
     proposals: int = Field(6, ge=1, description="Proposals sampled per query.")
     k: int = Field(4, ge=1, description="Proposals kept per query (top-K by the verifier).")
-    proposal_tokens: int = Field(80, ge=8, description="Max tokens per proposal.")
+    proposal_tokens: int = Field(64, ge=8, description="Max tokens per proposal.")
     aggregation_samples: int = Field(6, ge=1, description="Self-aggregations sampled per query.")
     aggregation_temperature: float = Field(0.7, ge=0.0, description="Self-aggregation temperature.")
-    aggregation_tokens: int = Field(80, ge=8, description="Max tokens per aggregation.")
+    aggregation_tokens: int = Field(64, ge=8, description="Max tokens per aggregation.")
     keep: int = Field(2, ge=1, description="Verified aggregations kept per query.")
     mode: Literal["self", "reference", "proposal"] = Field(
         "self", description="Aggregation targets (self = teacher-free rejection sampling)."
     )
-    steps: int = Field(40, ge=1, description="SFT optimizer steps.")
+    steps: int = Field(30, ge=1, description="SFT optimizer steps.")
     batch_size: int = Field(4, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
+    learning_rate: float = Field(5e-4, gt=0)
     lora_r: int = Field(8, ge=1, le=16)
     max_model_len: int = Field(2048, ge=256, description="vLLM context window.")
     merged: bool = Field(True, description="Also export a merged model directory.")

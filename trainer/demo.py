@@ -119,6 +119,47 @@ def _acc(rows: list[dict[str, Any]], key: str) -> float:
     return sum(r[key] >= 1.0 if isinstance(r[key], float) else bool(r[key]) for r in rows) / max(len(rows), 1)
 
 
+async def _through_the_graph(
+    backend: Backend,
+    records: list[ProposalRecord],
+    adapter: str,
+    config: DemoConfig,
+    verifier: Verifier,
+) -> list[dict[str, Any]]:
+    """Answer a few held-out questions with the aft_graph graph, the adapter as its aggregator."""
+    from aft_graph.config import AggregateConfig, SamplingConfig
+    from aft_graph.graph import AggregateContext, build_graph
+
+    graph = build_graph(
+        backend,
+        AggregateConfig(
+            strategy="propose_aggregate",
+            proposals=config.k,
+            layers=1,
+            single_final_aggregation=True,
+            proposer=SamplingConfig(
+                temperature=1.0, top_p=0.95, top_k=50, max_tokens=config.proposal_tokens
+            ),
+            aggregator=SamplingConfig(temperature=0.0, max_tokens=config.aggregation_tokens),
+        ),
+    )
+    runs = []
+    for record in records:
+        result = await graph.ainvoke(
+            {"question": record.question}, context=AggregateContext(aggregator_lora=adapter)
+        )
+        runs.append(
+            {
+                "question": record.question,
+                "reference": record.answer,
+                "proposals": result["layers"][0]["texts"],
+                "answer": result["answer"],
+                "score": verifier.score(record, result["answer"]),
+            }
+        )
+    return runs
+
+
 def _write_tasks(path: Path, tasks: list[TaskRecord]) -> None:
     with JsonlWriter(path, overwrite=True) as w:
         w.write_all(tasks)
@@ -267,6 +308,10 @@ async def run_demo(
             max_tokens=config.aggregation_tokens, verifier=verifier, k=config.k, strict=strict,
         )
         t = lap("evaluation after", t)
+        graph_runs = await _through_the_graph(
+            backend, eval_records[:2], str(sft_result.adapter_dir.resolve()), config, verifier
+        )
+        t = lap("graph with the adapter", t)
     finally:
         if own:
             await backend.aclose()
@@ -324,6 +369,7 @@ async def run_demo(
             "outputs_changed": sum(b["aggregation"] != a["aggregation"] for b, a in zip(before, after, strict=True)),
         },
         "merged": {"dir": str(merged_dir) if merged_dir else None, "first_output": merged_text},
+        "graph": graph_runs,
         "examples": [
             {
                 "question": r.question,
@@ -452,6 +498,27 @@ def render_report(s: dict[str, Any]) -> str:
             _quote(e["after"]),
             "",
         ]
+    if s.get("graph"):
+        lines += [
+            "## In the graph",
+            "",
+            "The adapter as the aggregator of `aft_graph.build_graph` (K proposals from the base "
+            "model, one greedy aggregation with the adapter), served by the same vLLM engine:",
+            "",
+            "```python",
+            "graph = build_graph(backend, AggregateConfig(proposals=4, layers=1, single_final_aggregation=True))",
+            f"await graph.ainvoke({{'question': q}}, context=AggregateContext(aggregator_lora='{sft['adapter']}'))",
+            "```",
+            "",
+        ]
+        for run in s["graph"]:
+            lines += [
+                f"- {run['question'].splitlines()[0]} (reference {run['reference']}; score "
+                f"{run['score']:.2f}):",
+                "",
+                _quote(run["answer"]),
+                "",
+            ]
     if s["merged"]["first_output"] is not None:
         lines += [
             "## Merged model",

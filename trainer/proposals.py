@@ -27,6 +27,7 @@ __all__ = [
     "icl_prompt",
     "load_offpolicy",
     "proposal_request",
+    "resolve_mode",
     "sample_proposals",
     "write_offpolicy",
 ]
@@ -51,16 +52,31 @@ def _icl_shots(task: TaskRecord, pool: Sequence[TaskRecord], n: int) -> list[tup
     return [(t.question, f"<answer>{t.answer}</answer>") for t in picked]
 
 
+def resolve_mode(backend: Backend | None, mode: str) -> str:
+    """``auto`` -> ``icl`` for a base model (its tokenizer has no chat template), else ``chat``."""
+    if mode != "auto":
+        return mode
+    tokenizer = getattr(backend, "tokenizer", None)
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None) is None:
+        return "icl"
+    return "chat"
+
+
 def proposal_request(
     task: TaskRecord,
     config: ProposalConfig,
     *,
     pool: Sequence[TaskRecord] = (),
+    mode: str | None = None,
 ) -> GenerationRequest:
-    """The request that samples ``config.samples`` proposals for ``task``."""
+    """The request that samples ``config.samples`` proposals for ``task``.
+
+    ``mode`` overrides ``config.mode`` (``auto`` is resolved against the backend by
+    :func:`sample_proposals`; here it means ``chat``).
+    """
     seed = derive_seed(config.seed, "proposal", task.id)
     sampling = config.sampling(seed)
-    if config.mode == "icl":
+    if (mode or config.mode) == "icl":
         prompt = icl_prompt(task.question, _icl_shots(task, pool, config.icl_shots))
         sampling = sampling.model_copy(update={"stop": ICL_STOP})
         return GenerationRequest(prompt=prompt, sampling=sampling, lora=config.lora)
@@ -93,10 +109,12 @@ async def sample_proposals(
         if len(todo) < len(tasks):
             report.note("already written (resumed)", len(tasks) - len(todo))
         source = source or getattr(backend, "model_path", None) and str(backend.model_path)
+        mode = resolve_mode(backend, config.mode)
+        report.note(f"{mode} prompts")
         with progress(f"proposals ({config.samples}/query)", len(todo), enabled=show_progress) as advance:
             async for task, completions, error in bounded_map(
                 todo,
-                lambda t: backend.generate(proposal_request(t, config, pool=tasks)),
+                lambda t: backend.generate(proposal_request(t, config, pool=tasks, mode=mode)),
                 concurrency=config.concurrency,
             ):
                 advance()

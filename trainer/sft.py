@@ -291,6 +291,12 @@ def _rich_callback():
         def on_log(self, args, state, control, logs=None, **kw):
             if self.bar is not None and logs and "loss" in logs:
                 self.bar.update(self.task, description=f"loss {logs['loss']:.4f}")
+                # A log file (no live bar) still gets a line every ~5% of the run.
+                every = max(1, state.max_steps // 20)
+                if not self.bar.console.is_terminal and state.global_step % every == 0:
+                    self.bar.console.print(
+                        f"sft step {state.global_step}/{state.max_steps} loss {logs['loss']:.4f}"
+                    )
 
         def on_train_end(self, args, state, control, **kw):
             if self.bar is not None:
