@@ -21,9 +21,9 @@ estimate of one token per 3 characters.
 from __future__ import annotations
 
 import asyncio
-import math
 from typing import Any
 
+from ._estimate import estimate_tokens, prompt_tokens, truncate_estimated
 from .base import (
     BackendError,
     BackendUnavailableError,
@@ -36,8 +36,6 @@ from .base import (
 
 __all__ = ["ChatModelBackend"]
 
-_CHARS_PER_TOKEN = 3  # conservative: real tokenizers average ~4 characters per token in English
-_MESSAGE_OVERHEAD = 4  # role markers and separators a chat template adds around each message
 # Our sampling field -> the model fields that mean it, by integration (first present wins).
 _FIELDS: dict[str, tuple[str, ...]] = {
     "temperature": ("temperature",),
@@ -78,13 +76,13 @@ class ChatModelBackend:
         token_ids = getattr(self.chat_model, "custom_get_token_ids", None)
         if token_ids is not None:
             return len(token_ids(text))
-        return math.ceil(len(text) / _CHARS_PER_TOKEN)
+        return estimate_tokens(text)
 
     def truncate(self, text: str, max_tokens: int) -> str:
         if self.count_tokens(text) <= max_tokens:
             return text
         if getattr(self.chat_model, "custom_get_token_ids", None) is None:
-            return text[: max(max_tokens, 0) * _CHARS_PER_TOKEN]
+            return truncate_estimated(text, max_tokens)
         # Only ids are known, not how to decode them: find the longest prefix that fits.
         lo, hi = 0, len(text)
         while lo < hi:
@@ -96,11 +94,7 @@ class ChatModelBackend:
         return text[:lo]
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
-        if request.prompt is not None:
-            return self.count_tokens(request.prompt)
-        return sum(
-            self.count_tokens(m["content"]) + _MESSAGE_OVERHEAD for m in request.messages or ()
-        )
+        return prompt_tokens(request, self.count_tokens)
 
     def _messages(self, request: GenerationRequest) -> list[Any]:
         from langchain_core.messages import HumanMessage, convert_to_messages

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ._estimate import estimate_tokens, prompt_tokens, truncate_estimated
 from ._tokenizer import TokenizerMixin
 from .base import (
     BackendError,
@@ -49,8 +50,6 @@ from .base import (
 
 __all__ = ["OpenAIBackend"]
 
-_CHARS_PER_TOKEN = 3  # conservative: real tokenizers average ~4 characters per token in English
-_MESSAGE_OVERHEAD = 4  # role markers and separators a chat template adds around each message
 _FALLBACK_CONTEXT = 4096
 # Phrases vLLM (and OpenAI) use when a prompt does not fit the model.
 _TOO_LONG = ("maximum context length", "maximum model length", "context length", "too long")
@@ -221,21 +220,17 @@ class OpenAIBackend(TokenizerMixin):
     def count_tokens(self, text: str) -> int:
         if self._has_tokenizer():
             return super().count_tokens(text)
-        return math.ceil(len(text) / _CHARS_PER_TOKEN)
+        return estimate_tokens(text)
 
     def truncate(self, text: str, max_tokens: int) -> str:
         if self._has_tokenizer():
             return super().truncate(text, max_tokens)
-        return text[: max(max_tokens, 0) * _CHARS_PER_TOKEN]
+        return truncate_estimated(text, max_tokens)
 
     def count_prompt_tokens(self, request: GenerationRequest) -> int:
         if self._has_tokenizer():
             return super().count_prompt_tokens(request)
-        if request.prompt is not None:
-            return self.count_tokens(request.prompt)
-        return sum(
-            self.count_tokens(m["content"]) + _MESSAGE_OVERHEAD for m in request.messages or ()
-        )
+        return prompt_tokens(request, self.count_tokens)
 
     # ---------------------------------------------------------------- generation
 
