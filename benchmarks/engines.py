@@ -13,8 +13,7 @@ CPU scheduler settings of ``VLLMBackend``) and the same prompt token ids, so the
 same tokens. Engines run one at a time: each is shut down (and its memory checked) before the
 next starts. Each workload is timed ``--repeats`` times after a warm-up and the best run is kept
 (other processes on a shared machine only ever slow a run down). The table shows generated
-tokens, seconds, tokens/s and each backend's tokens/s ratio to raw vLLM on the same model, and the
-same per CPU-second of all the engine's processes (robust to other jobs sharing the CPU).
+tokens, seconds, tokens/s and each backend's tokens/s ratio to raw vLLM on the same model.
 
 vLLM's CPU worker computes on all cores but one (the last is left to its front end): one core on
 a 2-core machine. ``--hf-threads`` sets torch's threads for HFBackend, one row per value.
@@ -58,7 +57,6 @@ class Result:
     backend: str
     tokens: int
     runs: list[float] = field(default_factory=list)  # wall-clock seconds of each timed run
-    cpu: list[float] = field(default_factory=list)  # CPU seconds (all engine processes) of each
 
     @property
     def seconds(self) -> float:
@@ -68,38 +66,19 @@ class Result:
     def tok_s(self) -> float:
         return self.tokens / self.seconds
 
-    @property
-    def tok_cpu_s(self) -> float:
-        return self.tokens / min(self.cpu)
-
 
 class _Clock:
-    """Wall-clock and CPU time of one run; CPU time sums this process and its children (vLLM's
-    engine core and worker), so it counts work done, not time lost to other jobs on the CPU."""
+    """Wall-clock time of one timed run, appended to ``result.runs``."""
 
     def __init__(self, result: Result) -> None:
         self.result = result
 
-    @staticmethod
-    def _cpu() -> float:
-        import psutil
-
-        total = 0.0
-        for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
-            try:
-                t = proc.cpu_times()
-                total += t.user + t.system
-            except psutil.NoSuchProcess:
-                pass
-        return total
-
     def __enter__(self) -> _Clock:
-        self.wall, self.cpu = time.perf_counter(), self._cpu()
+        self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.result.runs.append(time.perf_counter() - self.wall)
-        self.result.cpu.append(self._cpu() - self.cpu)
+        self.result.runs.append(time.perf_counter() - self.start)
 
 
 def _mem_available_gib() -> float:
@@ -259,7 +238,7 @@ def _runs(key: str, args):
 
 HEADER = [
     "model", "backend", "generated tokens", "seconds (best)", "runs (s)", "tokens/s",
-    "ratio to raw vLLM", "tokens per CPU-s", "CPU ratio",
+    "ratio to raw vLLM",
 ]  # fmt: skip
 
 
@@ -280,11 +259,9 @@ def _rows(results: list[Result]) -> list[list[str]]:
     for r in results:
         base = raw.get(r.model)
         ratio = f"{r.tok_s / base.tok_s:.2f}" if base else "-"
-        cpu_ratio = f"{r.tok_cpu_s / base.tok_cpu_s:.2f}" if base else "-"
         runs = ", ".join(f"{s:.1f}" for s in r.runs)
         rows.append([
             r.model, r.backend, str(r.tokens), f"{r.seconds:.1f}", runs, f"{r.tok_s:.1f}", ratio,
-            f"{r.tok_cpu_s:.1f}", cpu_ratio,
         ])  # fmt: skip
     return rows
 
@@ -299,10 +276,8 @@ def _markdown(results: list[Result], args, load_before, load_after) -> str:
         "",
         f"Workload: {args.prompts} chat prompts x {args.samples} samples x {args.max_tokens} new tokens, "
         f"temperature {args.temperature}, seed {args.seed}+i for prompt i; float32, enforce_eager, "
-        f"max_model_len {args.max_model_len}; best of {args.repeats} timed run(s) after a warm-up. "
-        "Ratios are tokens/s over raw vLLM's on the same model; the CPU columns divide by the CPU "
-        "time of all the engine's processes (the benchmark and its children) instead of wall time, "
-        "which other jobs on a shared CPU inflate far less.",
+        f"max_model_len {args.max_model_len}; best of {args.repeats} timed run(s) after a warm-up "
+        "(runs (s) lists them all). Ratio: tokens/s over raw vLLM's on the same model.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|",
