@@ -149,7 +149,7 @@ class TestTasksAndVerifier:
         assert len({t.id for t in a}) == 10
         assert {t.task for t in a} == {"basic_arithmetic", "chain_sum"}
         assert all("<answer></answer>" in t.question for t in a)
-        held = generate_tasks(size=10, seed=1, exclude={t.question.split("\n\n")[0] for t in a})
+        held = generate_tasks(size=10, seed=1, exclude={t.question for t in a})
         assert not {t.question for t in held} & {t.question for t in a}
 
     def test_unknown_dataset(self):
@@ -227,7 +227,7 @@ class TestProposals:
         assert base.calls[0].prompt is not None and base.calls[0].messages is None
         chat = ScriptedBackend(lambda req, i: "<answer>1</answer>")
         report = await sample_proposals(chat, [task(0)], ProposalConfig(samples=1), tmp_path / "c.jsonl", show_progress=False)
-        assert chat.calls[0].messages is not None and report.notes["chat prompts"] == 1
+        assert chat.calls[0].messages is not None and "chat" in report.stage
 
     async def test_empty_proposals_failures_and_resume(self, tmp_path):
         def respond(req, i):
@@ -413,6 +413,19 @@ class TestAggregations:
         call = backend.calls[0]
         assert list(call.messages) == aggregation_messages(Q, records[0].texts(), AFT_TEMPLATE)
         assert call.sampling.n == 4
+
+    async def test_lenient_verifier_and_appended_answer_format(self, tmp_path):
+        backend = ScriptedBackend(["2 + 3 = 5", "2 + 3 = 6", "so \\boxed{5}"])
+        cfg = AggregationConfig(samples=3, keep=3, last_number=True, append_answer=True)
+        report = await build_aggregations([precord(0, ["a"])], cfg, tmp_path / "a.jsonl", backend=backend, show_progress=False)
+        rows = list(read_records(tmp_path / "a.jsonl", AggregationRecord))
+        assert [r.target for r in rows] == ["2 + 3 = 5\n<answer>5</answer>", "so \\boxed{5}"]
+        assert report.notes["targets given the answer format"] == 1
+        strict = await build_aggregations(
+            [precord(0, ["a"])], AggregationConfig(samples=3, keep=3), tmp_path / "b.jsonl",
+            backend=ScriptedBackend(["2 + 3 = 5", "2 + 3 = 6", "so \\boxed{5}"]), show_progress=False,
+        )
+        assert strict.kept == 1  # only the boxed answer without the lenient reading
 
     async def test_targets_repeating_the_prompt_markup_are_rejected(self, tmp_path):
         backend = ScriptedBackend(["<answer>5</answer>\n</response>", '<response id="1"> <answer>5</answer>', "<answer>5</answer>"])

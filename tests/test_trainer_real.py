@@ -101,6 +101,9 @@ def test_resume_from_checkpoint(trained):
     assert again.steps == STEPS + 1
     # The log history of the first run came back with the checkpoint.
     assert [s for s, _ in again.losses][:STEPS] == list(range(1, STEPS + 1))
+    # A finished run is not trained further when run again.
+    done = train_sft(more, records=_records(), show_progress=False)
+    assert done.steps == STEPS + 1 and done.losses == again.losses
 
 
 @pytest.mark.vllm

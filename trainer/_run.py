@@ -12,7 +12,7 @@ from aft_graph.backends.base import BackendError, BackendUnavailableError
 T = TypeVar("T")
 U = TypeVar("U")
 
-__all__ = ["bounded_map", "console", "progress"]
+__all__ = ["bounded_map", "console", "progress", "progress_bar"]
 
 
 def console():
@@ -21,12 +21,9 @@ def console():
     return Console(stderr=True)
 
 
-@contextmanager
-def progress(description: str, total: int | None, *, enabled: bool = True):
-    """A rich progress bar (on stderr); yields ``advance(n=1)``."""
-    if not enabled:
-        yield lambda n=1: None
-        return
+def progress_bar(label: str):
+    """A rich ``Progress`` on stderr: ``label`` (markup, may use ``{task.description}``), bar,
+    done/total, elapsed and remaining time."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -36,15 +33,23 @@ def progress(description: str, total: int | None, *, enabled: bool = True):
         TimeRemainingColumn,
     )
 
-    with Progress(
-        TextColumn("[bold]{task.description}"),
+    return Progress(
+        TextColumn(label),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console(),
-        transient=False,
-    ) as bar:
+    )
+
+
+@contextmanager
+def progress(description: str, total: int | None, *, enabled: bool = True):
+    """A rich progress bar (on stderr); yields ``advance(n=1)``."""
+    if not enabled:
+        yield lambda n=1: None
+        return
+    with progress_bar("[bold]{task.description}") as bar:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
 

@@ -21,6 +21,7 @@ import random
 from collections.abc import Iterable
 from pathlib import Path
 
+from aft_graph.answers import extract_answer
 from aft_graph.backends.base import Backend, GenerationRequest, derive_seed
 from aft_graph.prompts import TEMPLATES, PromptTemplate, aggregation_messages
 
@@ -48,6 +49,10 @@ def _leaks_markup(text: str, template: PromptTemplate) -> bool:
     tail = template.proposal.rsplit("}", 1)[-1].strip()  # e.g. '</response>'
     markers = [m for m in (head[:9], tail) if len(m) >= 3 and m.startswith("<")]
     return any(m in text for m in markers)
+
+
+def _states_format(text: str) -> bool:
+    return extract_answer(text, "tag") is not None or extract_answer(text, "boxed") is not None
 
 
 def rejected_path(out: str | Path) -> Path:
@@ -180,6 +185,11 @@ async def build_aggregations(
                         if reward < verifier.threshold:
                             continue
                     report.note("aggregations accepted")
+                    if config.append_answer and not _states_format(text):
+                        read = verifier.extract(text)
+                        if read is not None:
+                            text = f"{text}\n{config.reference_format.replace('{answer}', read)}"
+                            report.note("targets given the answer format")
                     if text in seen or len(targets) >= config.keep:
                         continue
                     seen.add(text)

@@ -42,7 +42,28 @@ def help_of(config: type[BaseModel], field: str) -> str:
     return config.model_fields[field].description or ""
 
 
-class ProposalConfig(_Config):
+class _SampledConfig(_Config):
+    """A stage that samples from a model: subclasses define the sampling fields and defaults."""
+
+    samples: int
+    temperature: float
+    top_k: int | None
+    top_p: float
+    max_tokens: int
+
+    def sampling(self, seed: int | None = None) -> Sampling:
+        """The stage's sampling settings for one request (``seed``: that request's seed)."""
+        return Sampling(
+            n=self.samples,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            max_tokens=self.max_tokens,
+            seed=seed,
+        )
+
+
+class ProposalConfig(_SampledConfig):
     """On-policy proposals: sampled from the model being trained, through any backend."""
 
     mode: Literal["auto", "chat", "icl"] = Field(
@@ -70,16 +91,6 @@ class ProposalConfig(_Config):
     )
     concurrency: int = Field(16, ge=1, description="Requests in flight at once.")
     lora: str | None = Field(None, description="LoRA adapter to sample from (iterated rounds).")
-
-    def sampling(self, seed: int | None = None) -> Sampling:
-        return Sampling(
-            n=self.samples,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            max_tokens=self.max_tokens,
-            seed=seed,
-        )
 
 
 class OffPolicyConfig(_Config):
@@ -144,7 +155,7 @@ class SelectConfig(_Config):
     )
 
 
-class AggregationConfig(_Config):
+class AggregationConfig(_SampledConfig):
     """Aggregation targets: from a teacher, teacher-free (self + verifier), or pseudo (ablation)."""
 
     mode: Literal["self", "teacher", "reference", "proposal"] = Field(
@@ -181,21 +192,18 @@ class AggregationConfig(_Config):
     )
     reference_format: str = Field(
         "<answer>{answer}</answer>",
-        description="mode=reference: how a reference answer becomes a target ({answer}).",
+        description="How an answer is written in a target ({answer}): the whole target in "
+        "mode=reference, the appended line with append_answer.",
+    )
+    append_answer: bool = Field(
+        False,
+        description="An accepted target that states its answer without an <answer> tag or "
+        "\\boxed{} gets reference_format (filled with the answer the verifier read from it) "
+        "appended, so that every target ends in the format the question asks for.",
     )
     concurrency: int = Field(16, ge=1, description="Requests in flight at once.")
     lora: str | None = Field(None, description="LoRA adapter of the sampling model (self mode).")
     rng_seed: int = Field(0, description="Seed of the random choices (mode=proposal).")
-
-    def sampling(self, seed: int | None = None) -> Sampling:
-        return Sampling(
-            n=self.samples,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            max_tokens=self.max_tokens,
-            seed=seed,
-        )
 
 
 class SFTConfig(_Config):
@@ -280,6 +288,11 @@ class DemoConfig(_Config):
     aggregation_temperature: float = Field(0.7, ge=0.0, description="Self-aggregation temperature.")
     aggregation_tokens: int = Field(64, ge=8, description="Max tokens per aggregation.")
     keep: int = Field(2, ge=1, description="Verified aggregations kept per query.")
+    append_answer: bool = Field(
+        True,
+        description="Append '<answer>N</answer>' (N: the answer the verifier read) to accepted "
+        "targets that lack the tag, so the adapter learns the requested format.",
+    )
     mode: Literal["self", "reference", "proposal"] = Field(
         "self", description="Aggregation targets (self = teacher-free rejection sampling)."
     )

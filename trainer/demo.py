@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from aft_graph.answers import extract_answer, majority_vote
-from aft_graph.backends.base import Backend, GenerationRequest, Sampling
+from aft_graph.backends.base import Backend, BackendUnavailableError, GenerationRequest, Sampling
 from aft_graph.prompts import AFT_TEMPLATE, aggregation_messages, proposal_messages
 
 from ._run import bounded_map, console
@@ -215,7 +215,7 @@ async def run_demo(
     )
     heldout = generate_tasks(
         DEFAULT_MIX, config.eval_size, seed=config.seed + 1000, answer_format=config.answer_format,
-        exclude={q.question.split("\n\n")[0] for q in train}, prefix="eval-",
+        exclude={q.question for q in train}, prefix="eval-",
     )
     _write_tasks(out / "tasks_train.jsonl", train)
     _write_tasks(out / "tasks_eval.jsonl", heldout)
@@ -223,11 +223,15 @@ async def run_demo(
     strict = Verifier("auto")
 
     own = backend is None
-    if own:
+
+    def start_engine() -> Backend:
         from .backend import make_backend
 
         with con.status(f"starting the vLLM engine on {config.model!r} (about a minute on a CPU)"):
-            backend = make_backend(config.model, max_model_len=config.max_model_len)
+            return make_backend(config.model, max_model_len=config.max_model_len)
+
+    if own:
+        backend = start_engine()
     assert backend is not None
     t = lap("engine start", t)
     sft_result = None
@@ -255,6 +259,7 @@ async def run_demo(
             mode=config.mode, samples=config.aggregation_samples, keep=config.keep,
             max_tokens=config.aggregation_tokens, k=config.k,
             temperature=config.aggregation_temperature, last_number=config.last_number,
+            append_answer=config.append_answer,
         )
         reports.append(
             await build_aggregations(
@@ -299,21 +304,39 @@ async def run_demo(
             save_steps=max(config.steps // 2, 1),
             seed=config.seed,
         )
-        # Train in a worker thread: the engine stays up (idle) for the evaluation afterwards.
+        if own:
+            # Training gets the whole CPU and memory; a fresh engine serves the adapter after.
+            await backend.aclose()
+            backend = None
+        # A worker thread keeps the event loop (and a caller's engine) responsive meanwhile.
         sft_result = await asyncio.to_thread(train_sft, sft_config, show_progress=show_progress)
         t = lap("sft", t)
+        if own:
+            backend = start_engine()
+            t = lap("engine restart", t)
 
-        after = await evaluate_aggregator(
-            backend, eval_records, lora=str(sft_result.adapter_dir.resolve()),
-            max_tokens=config.aggregation_tokens, verifier=verifier, k=config.k, strict=strict,
-        )
+        adapter = str(sft_result.adapter_dir.resolve())
+        try:
+            after = await evaluate_aggregator(
+                backend, eval_records, lora=adapter, max_tokens=config.aggregation_tokens,
+                verifier=verifier, k=config.k, strict=strict,
+            )
+        except BackendUnavailableError:
+            if not own:
+                raise
+            # A CPU shared with other engines can starve ours into an RPC timeout: retry once.
+            con.print("[yellow]the engine died; restarting it once[/yellow]")
+            await backend.aclose()
+            backend = start_engine()
+            after = await evaluate_aggregator(
+                backend, eval_records, lora=adapter, max_tokens=config.aggregation_tokens,
+                verifier=verifier, k=config.k, strict=strict,
+            )
         t = lap("evaluation after", t)
-        graph_runs = await _through_the_graph(
-            backend, eval_records[:2], str(sft_result.adapter_dir.resolve()), config, verifier
-        )
+        graph_runs = await _through_the_graph(backend, eval_records[:2], adapter, config, verifier)
         t = lap("graph with the adapter", t)
     finally:
-        if own:
+        if own and backend is not None:
             await backend.aclose()
 
     merged_dir = None
@@ -330,8 +353,10 @@ async def run_demo(
         t = lap("export + merged check", t)
     timings["total"] = round(time.monotonic() - started, 1)
 
+    files = ["proposals.jsonl", "selected.jsonl", "aggregations.jsonl", "aggregations.rejected.jsonl", "eval_proposals.jsonl"]
     summary = {
         "config": json.loads(config.model_dump_json()),
+        "files": {name: _count_lines(out / name) for name in files},
         "timings_s": timings,
         "data": [r.to_dict() for r in reports],
         "rewards": {
@@ -389,6 +414,10 @@ async def run_demo(
     return summary
 
 
+def _count_lines(path: Path) -> int:
+    return sum(1 for line in path.open() if line.strip()) if path.is_file() else 0
+
+
 def _mean(values: list[float]) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
@@ -413,7 +442,9 @@ def render_report(s: dict[str, Any]) -> str:
         f"Model `{c['model']}`; {c['train_size']} training and {c['eval_size']} held-out queries "
         "(reasoning-gym: basic_arithmetic + chain_sum); targets: "
         + ("teacher-free self-aggregation filtered by the verifier" if c["mode"] == "self" else f"pseudo ({c['mode']})")
-        + ".",
+        + "."
+        + (" Accepted targets without an `<answer>` tag get `<answer>N</answer>` appended (N: the "
+           "answer the verifier read), so the adapter learns the requested format." if c.get("append_answer") else ""),
         "",
         "## Time (s)",
         "",
@@ -431,6 +462,10 @@ def render_report(s: dict[str, Any]) -> str:
         notes = ", ".join(f"{n} {k}" for k, n in d["notes"].items()) or "-"
         lines.append(f"| {d['stage']} | {d['read']} | {d['kept']} | {skipped} | {notes} |")
     lines += [
+        "",
+        "Rows in the run directory: "
+        + ", ".join(f"`{name}` {n}" for name, n in s["files"].items())
+        + " (a resumed run counts only new work in the table above).",
         "",
         "## Rewards",
         "",

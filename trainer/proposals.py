@@ -110,7 +110,7 @@ async def sample_proposals(
             report.note("already written (resumed)", len(tasks) - len(todo))
         source = source or getattr(backend, "model_path", None) and str(backend.model_path)
         mode = resolve_mode(backend, config.mode)
-        report.note(f"{mode} prompts")
+        report.stage = f"proposals (on-policy, {mode})"
         with progress(f"proposals ({config.samples}/query)", len(todo), enabled=show_progress) as advance:
             async for task, completions, error in bounded_map(
                 todo,
@@ -148,6 +148,18 @@ def _get(row: dict[str, Any], path: str) -> Any:
             raise KeyError(path)
         value = value[part]
     return value
+
+
+_MISSING = object()
+
+
+def _field(row: dict[str, Any], path: str, i: int, report: DataReport) -> Any:
+    """``row``'s field at ``path``, or ``_MISSING`` after recording row ``i`` as skipped."""
+    try:
+        return _get(row, path)
+    except KeyError:
+        report.skip(f"missing {path}", f"row {i}")
+        return _MISSING
 
 
 def _rows(config: OffPolicyConfig) -> Iterator[dict[str, Any]]:
@@ -189,18 +201,14 @@ def load_offpolicy(config: OffPolicyConfig, report: DataReport | None = None) ->
         if not isinstance(row, dict) or "__bad_json__" in row:
             report.skip("bad json", f"row {i}")
             continue
-        try:
-            prompt = _get(row, config.prompt_field)
-        except KeyError:
-            report.skip(f"missing {config.prompt_field}", f"row {i}")
+        prompt = _field(row, config.prompt_field, i, report)
+        if prompt is _MISSING:
             continue
         if not isinstance(prompt, str) or not prompt.strip():
             report.skip(f"empty {config.prompt_field}", f"row {i}")
             continue
-        try:
-            responses = _get(row, config.responses_field)
-        except KeyError:
-            report.skip(f"missing {config.responses_field}", f"row {i}")
+        responses = _field(row, config.responses_field, i, report)
+        if responses is _MISSING:
             continue
         if not isinstance(responses, list):
             report.skip(f"invalid {config.responses_field}", f"row {i}: not a list")

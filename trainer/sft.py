@@ -262,25 +262,9 @@ def _rich_callback():
         def on_train_begin(self, args, state, control, **kw):
             if not state.is_world_process_zero:
                 return
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+            from ._run import progress_bar
 
-            from ._run import console
-
-            self.bar = Progress(
-                TextColumn("[bold]sft[/bold] {task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=console(),
-            )
+            self.bar = progress_bar("[bold]sft[/bold] {task.description}")
             self.bar.start()
             self.task = self.bar.add_task("loss -", total=state.max_steps, completed=state.global_step)
 
@@ -304,6 +288,18 @@ def _rich_callback():
                 self.bar = None
 
     return RichProgress()
+
+
+def _finished_state(checkpoint: str | None, max_steps: int) -> dict[str, Any] | None:
+    """The checkpoint's trainer state if it already reached ``max_steps`` (else None)."""
+    if checkpoint is None or max_steps <= 0:
+        return None
+    state_file = Path(checkpoint) / "trainer_state.json"
+    weights = Path(checkpoint) / "adapter_model.safetensors"
+    if not (state_file.is_file() and weights.is_file()):
+        return None
+    state = json.loads(state_file.read_text())
+    return state if int(state.get("global_step", 0)) >= max_steps else None
 
 
 def load_base_model(model: str | Path, dtype: str = "float32"):
@@ -404,12 +400,20 @@ def train_sft(
     resume = None
     if config.resume and (out / "checkpoints").is_dir():
         resume = get_last_checkpoint(str(out / "checkpoints"))
-    trainer.train(resume_from_checkpoint=resume)
+    finished = _finished_state(resume, config.max_steps)
+    if finished is not None:
+        # The run already reached max_steps: take that checkpoint's adapter, train no further.
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(str(Path(resume) / "adapter_model.safetensors")))
+        history, global_step = finished["log_history"], int(finished["global_step"])
+    else:
+        trainer.train(resume_from_checkpoint=resume)
+        history, global_step = trainer.state.log_history, trainer.state.global_step
 
     adapter_dir = out / "adapter"
-    losses = [
-        (int(h["step"]), float(h["loss"])) for h in trainer.state.log_history if "loss" in h
-    ]
+    losses = [(int(h["step"]), float(h["loss"])) for h in history if "loss" in h]
     if trainer.is_world_process_zero():
         model.save_pretrained(adapter_dir)
         log = {
@@ -417,7 +421,7 @@ def train_sft(
             "adapter_dir": str(adapter_dir),
             "examples": len(examples),
             "plain_examples": sum(e["kind"] == "plain" for e in examples),
-            "steps": trainer.state.global_step,
+            "steps": global_step,
             "losses": losses,
             "resumed_from": resume,
             "data_report": report.to_dict(),
@@ -429,7 +433,7 @@ def train_sft(
         output_dir=out,
         adapter_dir=adapter_dir,
         examples=len(examples),
-        steps=trainer.state.global_step,
+        steps=global_step,
         losses=losses,
         runtime_s=time.monotonic() - started,
         resumed_from=resume,

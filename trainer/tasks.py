@@ -73,7 +73,8 @@ def generate_tasks(
         size: Number of queries.
         seed: Seed of the generators (a different seed gives a held-out set).
         answer_format: ``tag`` / ``boxed`` / ``none``: the instruction appended to each question.
-        exclude: Questions to leave out (e.g. the training questions when making a held-out set).
+        exclude: Questions to leave out, with or without the instruction (e.g. the training
+            questions when making a held-out set).
         prefix: Prepended to every id (``train-``, ``eval-``).
 
     Raises:
@@ -105,10 +106,10 @@ def generate_tasks(
         got = 0
         for i, entry in enumerate(ds):
             question = entry["question"].strip()
-            if question in seen or question in exclude:
+            full = f"{question}\n\n{instruction}" if instruction else question
+            if question in seen or question in exclude or full in exclude:
                 continue
             seen.add(question)
-            full = f"{question}\n\n{instruction}" if instruction else question
             out.append(
                 TaskRecord(
                     id=f"{prefix}{spec.name}-{seed}-{i}",
