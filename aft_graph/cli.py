@@ -21,6 +21,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(
     help="Propose-and-aggregate test-time scaling (AFT, RSA) over local models.",
@@ -28,6 +29,9 @@ app = typer.Typer(
     add_completion=False,
 )
 _err = Console(stderr=True)
+_Verbose = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Show vLLM's log (start-up warnings and progress).")
+]
 
 
 @app.callback()
@@ -62,7 +66,13 @@ def _arun(main):
         raise typer.Exit(143) from None
 
 
-def make_backend(model: str, base_url: list[str] | None, max_model_len: int, lora: bool = False):
+def make_backend(
+    model: str,
+    base_url: list[str] | None,
+    max_model_len: int,
+    lora: bool = False,
+    verbose: bool = False,
+):
     """The backend the command line asks for: a server (``--base-url``) or in-process vLLM."""
     if base_url:
         from .backends import OpenAIBackend
@@ -72,7 +82,9 @@ def make_backend(model: str, base_url: list[str] | None, max_model_len: int, lor
     from .models import resolve_model
 
     path = resolve_model(model)  # converts the embedded model on first use, with progress
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # vLLM's start-up warnings on a CPU (no Triton, no tcmalloc...) drown the live view; a
+    # user-set VLLM_LOGGING_LEVEL still wins.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR")
     with _err.status(f"starting vLLM on {path.name} (1-2 minutes on a CPU)"):
         return VLLMBackend(path, max_model_len=max_model_len, enable_lora=lora)
 
@@ -103,7 +115,7 @@ async def _run(graph, question: str, context, console: Console, as_json: bool) -
             if mode == "custom":
                 events.append(chunk)
                 live.update(
-                    Group(_layers_table(events), Panel(chunk.texts[0][-600:], title=f"layer {chunk.layer}, text 1"))
+                    Group(_layers_table(events), Panel(Text(chunk.texts[0][-600:]), title=f"layer {chunk.layer}, text 1"))
                 )
             else:
                 result = chunk
@@ -128,6 +140,7 @@ def run(
     lora: Annotated[str | None, typer.Option(help="LoRA adapter directory for aggregation calls.")] = None,
     max_model_len: Annotated[int, typer.Option(help="Context window of the in-process engine.")] = 4096,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
+    verbose: _Verbose = False,
 ) -> None:
     """Answer QUESTION with propose-and-aggregate, showing each layer as it finishes."""
     from pydantic import ValidationError
@@ -157,7 +170,7 @@ def run(
         raise typer.Exit(2)
 
     async def main() -> dict:
-        backend = make_backend(model, base_url, max_model_len, lora=lora is not None)
+        backend = make_backend(model, base_url, max_model_len, lora=lora is not None, verbose=verbose)
         try:
             graph = build_graph(backend, config)
             context = AggregateContext(aggregator_lora=lora)
@@ -171,7 +184,8 @@ def run(
         sys.stdout.write("\n")
         return
     console = Console()
-    console.print(Panel(result["answer"], title="answer", border_style="green"))
+    # Text, not markup: answers hold LaTeX like \[ ... \] that markup would eat.
+    console.print(Panel(Text(result["answer"]), title="answer", border_style="green"))
     usage = result["usage"]
     console.print(
         f"{usage['calls']} calls ({usage['proposer_calls']} proposer, {usage['aggregator_calls']} "
@@ -195,6 +209,7 @@ def eval_(
     time_limit: Annotated[float | None, typer.Option(help="Minutes; start no new question after (rerun to continue).")] = None,
     max_model_len: Annotated[int, typer.Option(help="Context window of the in-process engine.")] = 4096,
     plots: Annotated[bool, typer.Option(help="Write PNG plots.")] = True,
+    verbose: _Verbose = False,
 ) -> None:
     """Evaluate strategies on a verifiable task suite: accuracy per layer, compute, intervals."""
     from .evaluate import evaluate, parse_strategies, summary_markdown
@@ -209,7 +224,7 @@ def eval_(
     _err.print(f"{len(suite)} tasks from {tasks}; strategies: {', '.join(configs)}")
 
     async def main() -> dict:
-        backend = make_backend(model, base_url, max_model_len)
+        backend = make_backend(model, base_url, max_model_len, verbose=verbose)
         try:
             return await evaluate(
                 backend,
