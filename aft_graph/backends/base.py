@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from typing import Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "Backend",
@@ -54,13 +54,29 @@ class Sampling(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    n: int = Field(1, ge=1, description="Number of completions to return.")
+    n: int = Field(1, description="Number of completions to return (>= 1).")
     temperature: float = Field(0.7, ge=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)
-    max_tokens: int = Field(256, ge=1, description="Maximum new tokens per completion.")
+    max_tokens: int = Field(256, description="Maximum new tokens per completion (>= 1).")
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _at_least_one_completion(cls, n: int) -> int:
+        if n < 1:
+            raise ValueError(f"n={n} asks for no completions: set n to 1 or more")
+        return n
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _room_for_a_token(cls, max_tokens: int) -> int:
+        if max_tokens < 1:
+            raise ValueError(
+                f"max_tokens={max_tokens} leaves no room to generate: set max_tokens to 1 or more"
+            )
+        return max_tokens
 
 
 class GenerationRequest(BaseModel):
