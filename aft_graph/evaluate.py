@@ -30,6 +30,7 @@ import asyncio
 import hashlib
 import json
 import math
+import os
 import random
 import time
 import warnings
@@ -306,10 +307,6 @@ class _SharedSamples:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
 
-    @property
-    def context_window(self) -> int:
-        return self._backend.context_window
-
     async def generate(self, request: GenerationRequest) -> list[Completion]:
         if request.sampling.seed is None and request.sampling.temperature > 0:
             return await self._backend.generate(request)  # unseeded samples must stay independent
@@ -347,6 +344,15 @@ def load_records(out_dir: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 warnings.warn(f"{path}:{lineno} is not valid JSON (interrupted write?); skipped", stacklevel=2)
     return records
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """Whether a non-empty file's last byte is not a newline (a write was interrupted)."""
+    if not path.is_file() or not path.stat().st_size:
+        return False
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 async def evaluate(
@@ -405,7 +411,8 @@ async def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     hashes = {name: _config_hash(c) for name, c in strategies.items()}
     done: set[tuple[str, str]] = set()
-    for rec in load_records(out):
+    existing = load_records(out)
+    for rec in existing:
         name = rec["strategy"]
         if name in hashes and rec.get("config_hash") != hashes[name]:
             raise ValueError(
@@ -425,10 +432,11 @@ async def evaluate(
     started = time.monotonic()
     semaphore = asyncio.Semaphore(max(concurrency, 1))
     path = out / _RECORDS
-    if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+    if _ends_mid_line(path):
         with path.open("a") as f:
             f.write("\n")  # end an interrupted line, or the next record would be glued to it
     sink = path.open("a")
+    new: list[dict[str, Any]] = []
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -453,7 +461,9 @@ async def evaluate(
                 return
             record = await _run_question(graphs[name], task, name, strategies[name], keep_texts)
         record.update(suite=suite_name, config_hash=hashes[name])
-        sink.write(json.dumps(record) + "\n")
+        line = json.dumps(record)
+        sink.write(line + "\n")
+        new.append(json.loads(line))  # as a later load_records() would read it back
         sink.flush()  # one line per finished question: a crash loses at most the running ones
         if record["error"] is None:
             tally[name].append(record["final_score"])
@@ -468,7 +478,7 @@ async def evaluate(
     finally:
         sink.close()
 
-    records = _latest([r for r in load_records(out) if r["strategy"] in strategies], {t.id for t in tasks})
+    records = _latest([r for r in existing + new if r["strategy"] in strategies], {t.id for t in tasks})
     summary = summarize(records, strategies, reference=reference)
     summary["suite"] = suite_name
     summary["n_tasks"] = len(tasks)
@@ -517,7 +527,6 @@ async def _run_question(graph, task: Task, name: str, config: AggregateConfig, k
     layers = []
     for ev in result["layers"]:
         texts = ev["texts"]
-        votes = [vote_key(task, t, a) for t, a in zip(texts, ev["answers"], strict=True)]
         layer = {
             "layer": ev["layer"],
             "kind": ev["kind"],
@@ -533,6 +542,7 @@ async def _run_question(graph, task: Task, name: str, config: AggregateConfig, k
         }
         if task.kind == "humaneval":
             # Code is grouped by exact (normalized) text; store short digests, not the code twice.
+            votes = [vote_key(task, t, a) for t, a in zip(texts, ev["answers"], strict=True)]
             layer["votes"] = [None if v is None else hashlib.sha1(v.encode()).hexdigest()[:10] for v in votes]
         if keep_texts:
             layer["texts"] = texts

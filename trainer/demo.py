@@ -168,10 +168,10 @@ def _write_tasks(path: Path, tasks: list[TaskRecord]) -> None:
 def _merged_check(merged: Path, prompt_messages: list[dict[str, str]], max_tokens: int) -> str:
     """Load the merged directory as a plain model with transformers and answer one prompt greedily."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(merged)
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    from ._models import load_causal_lm
+
+    model, tok, _ = load_causal_lm(merged)
     text = tok.apply_chat_template(prompt_messages, tokenize=False, add_generation_prompt=True)
     enc = tok(text, return_tensors="pt", add_special_tokens=False)
     with torch.inference_mode():

@@ -75,17 +75,14 @@ def export_merged(
     """
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from aft_graph.models import resolve_model
+    from ._models import load_causal_lm
 
     adapter_dir, out = Path(adapter_dir), Path(out)
     info = adapter_info(adapter_dir)
-    base = resolve_model(base_model or info.get("base_model_name_or_path") or "")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model, tokenizer, base = load_causal_lm(base_model or info.get("base_model_name_or_path") or "")
     model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     model = model.to(getattr(torch, dtype))
-    tokenizer = AutoTokenizer.from_pretrained(base)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)

@@ -24,6 +24,7 @@ from typing import Any
 
 from aft_graph.prompts import aggregation_messages, proposal_messages
 
+from ._models import load_causal_lm
 from .aggregations import get_template
 from .config import SFTConfig
 from .records import AggregationRecord, DataReport, Proposal, TaskRecord, read_records
@@ -302,19 +303,6 @@ def _finished_state(checkpoint: str | None, max_steps: int) -> dict[str, Any] | 
     return state if int(state.get("global_step", 0)) >= max_steps else None
 
 
-def load_base_model(model: str | Path, dtype: str = "float32"):
-    """A causal LM and its tokenizer from ``'small'``, ``'default'`` or a model directory."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from aft_graph.models import resolve_model
-
-    path = resolve_model(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
-    return lm, tokenizer, path
-
-
 def train_sft(
     config: SFTConfig,
     *,
@@ -336,7 +324,7 @@ def train_sft(
     started = time.monotonic()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, base_path = load_base_model(config.model, config.dtype)
+    model, tokenizer, base_path = load_causal_lm(config.model, config.dtype)
     report = DataReport(stage="sft examples")
     examples = build_examples(tokenizer, config, records, report)
     if not examples:

@@ -24,7 +24,7 @@ from .base import (
     check_fits,
 )
 
-__all__ = ["VLLMBackend", "cpu_scheduler_args", "vllm_sampling_params"]
+__all__ = ["VLLMBackend", "cpu_scheduler_args", "engine_args", "vllm_sampling_params"]
 
 
 def vllm_sampling_params(sampling, max_tokens: int | None = None, *, final_only: bool = True):
@@ -56,6 +56,35 @@ def cpu_scheduler_args(max_model_len: int) -> dict[str, Any]:
     step holds at least one full context.
     """
     return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
+
+
+def engine_args(
+    model: str | os.PathLike[str],
+    *,
+    max_model_len: int,
+    dtype: str | None = None,
+    enforce_eager: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The vLLM engine arguments ``VLLMBackend`` uses (``AsyncEngineArgs`` / ``LLM`` keywords).
+
+    ``dtype=None`` picks float32 on the CPU and ``"auto"`` on a GPU; on the CPU the scheduler
+    settings of :func:`cpu_scheduler_args` are added.
+    """
+    from vllm.platforms import current_platform
+
+    on_cpu = current_platform.is_cpu()
+    args: dict[str, Any] = dict(
+        model=str(model),
+        max_model_len=max_model_len,
+        dtype=dtype or ("float32" if on_cpu else "auto"),
+        enforce_eager=enforce_eager,
+        seed=seed,
+        disable_log_stats=True,
+    )
+    if on_cpu:
+        args.update(cpu_scheduler_args(max_model_len))
+    return args
 
 
 class VLLMBackend(TokenizerMixin):
@@ -110,20 +139,13 @@ class VLLMBackend(TokenizerMixin):
                 "`pip install -e '.[gpu]'` (CUDA build)"
             ) from exc
 
-        on_cpu = current_platform.is_cpu()
-        if on_cpu:
+        if current_platform.is_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
-        args = dict(
-            model=str(self.model_path),
-            max_model_len=max_model_len,
-            dtype=dtype or ("float32" if on_cpu else "auto"),
-            enforce_eager=enforce_eager,
+        args = engine_args(
+            self.model_path, max_model_len=max_model_len, dtype=dtype, enforce_eager=enforce_eager,
             seed=seed,
-            enable_lora=enable_lora,
-            disable_log_stats=True,
-        )
-        if on_cpu:
-            args.update(cpu_scheduler_args(max_model_len))
+        )  # fmt: skip
+        args["enable_lora"] = enable_lora
         if enable_lora:
             args.update(max_lora_rank=max_lora_rank, max_loras=max_loras)
         args.update(engine_kwargs or {})
@@ -132,6 +154,7 @@ class VLLMBackend(TokenizerMixin):
         self._context_window = self.engine.model_config.max_model_len
         self._enable_lora = enable_lora
         self._loras: dict[str, Any] = {}
+        self._render = self._prompt_renderer()
 
     @property
     def context_window(self) -> int:
@@ -163,29 +186,32 @@ class VLLMBackend(TokenizerMixin):
             self.register_adapter(lora, lora)
         return self._loras[lora]
 
-    def _engine_input(self, ids: list[int]) -> Any:
-        """The prompt ids rendered the way ``LLM.generate`` renders them, ready for the engine.
+    def _prompt_renderer(self) -> Any:
+        """How token ids become engine input, decided once: ``render(TokensPrompt) -> input``.
 
         A bare ``TokensPrompt`` takes vLLM's deprecated raw-prompt path (0.32: a warning, and a
         hop through the renderer's thread pool per request); rendering it here, as vLLM's docs
         advise, is cheap for token ids (nothing to tokenize). Older vLLM versions without the
         renderer API get the ``TokensPrompt`` itself.
         """
-        from vllm import TokensPrompt
-
-        prompt = TokensPrompt(prompt_token_ids=ids)
         renderer = getattr(self.engine, "renderer", None)
         try:
             from vllm.renderers.inputs.preprocess import parse_model_prompt
         except ImportError:  # pragma: no cover - vLLM before the renderer API
-            return prompt
+            return lambda prompt: prompt
         if renderer is None or not hasattr(renderer, "render_cmpl"):  # pragma: no cover
-            return prompt
-        parsed = parse_model_prompt(self.engine.model_config, prompt)
-        (engine_input,) = renderer.render_cmpl([parsed], renderer.default_cmpl_tok_params)
-        return engine_input
+            return lambda prompt: prompt
+        model_config = self.engine.model_config
+
+        def render(prompt: Any) -> Any:
+            (engine_input,) = renderer.render_cmpl([parse_model_prompt(model_config, prompt)])
+            return engine_input
+
+        return render
 
     async def generate(self, request: GenerationRequest) -> list[Completion]:
+        from vllm import TokensPrompt
+
         ids = self.encode_prompt(request)
         max_tokens = check_fits(len(ids), request.sampling, self.context_window)
         params = vllm_sampling_params(request.sampling, max_tokens)
@@ -193,7 +219,7 @@ class VLLMBackend(TokenizerMixin):
         final = None
         try:
             async for output in self.engine.generate(
-                self._engine_input(ids),
+                self._render(TokensPrompt(prompt_token_ids=ids)),
                 params,
                 request_id=uuid.uuid4().hex,
                 lora_request=lora,
