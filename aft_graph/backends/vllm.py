@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ..hardware import cpu_profile
 from ._tokenizer import TokenizerMixin
 from .base import (
     BackendError,
@@ -24,7 +25,14 @@ from .base import (
     check_fits,
 )
 
-__all__ = ["VLLMBackend", "cpu_scheduler_args", "engine_args", "vllm_sampling_params"]
+__all__ = [
+    "VLLMBackend",
+    "apply_engine_env",
+    "cpu_scheduler_args",
+    "engine_args",
+    "engine_env",
+    "vllm_sampling_params",
+]
 
 
 def vllm_sampling_params(sampling, max_tokens: int | None = None, *, final_only: bool = True):
@@ -58,6 +66,23 @@ def cpu_scheduler_args(max_model_len: int) -> dict[str, Any]:
     return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
 
 
+def engine_env(*, kv_cache_gib: float | None = None) -> dict[str, str]:
+    """Environment variables vLLM's CPU build reads at engine start (empty on a GPU).
+
+    Both cores bound on small machines (:meth:`aft_graph.hardware.CPUProfile.vllm_env`) and the
+    KV-cache size. Callers apply them with ``setdefault`` semantics, so a user's own setting wins;
+    a server started as a subprocess gets them in its environment.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return {}
+    env = cpu_profile().vllm_env()
+    if kv_cache_gib is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = f"{kv_cache_gib:g}"
+    return env
+
+
 def engine_args(
     model: str | os.PathLike[str],
     *,
@@ -68,8 +93,10 @@ def engine_args(
 ) -> dict[str, Any]:
     """The vLLM engine arguments ``VLLMBackend`` uses (``AsyncEngineArgs`` / ``LLM`` keywords).
 
-    ``dtype=None`` picks float32 on the CPU and ``"auto"`` on a GPU; on the CPU the scheduler
-    settings of :func:`cpu_scheduler_args` are added.
+    ``dtype=None`` picks, on the CPU, the faster dtype for *this* CPU (bfloat16 with AVX-512 BF16
+    or AMX, float32 with AVX2 only: :func:`aft_graph.hardware.cpu_profile`) and ``"auto"`` on a
+    GPU; on the CPU the scheduler settings of :func:`cpu_scheduler_args` are added. Pair it with
+    :func:`engine_env` for the CPU thread binding.
     """
     from vllm.platforms import current_platform
 
@@ -77,7 +104,7 @@ def engine_args(
     args: dict[str, Any] = dict(
         model=str(model),
         max_model_len=max_model_len,
-        dtype=dtype or ("float32" if on_cpu else "auto"),
+        dtype=dtype or (cpu_profile().vllm_dtype if on_cpu else "auto"),
         enforce_eager=enforce_eager,
         seed=seed,
         disable_log_stats=True,
@@ -87,6 +114,12 @@ def engine_args(
     return args
 
 
+def apply_engine_env(env: dict[str, str]) -> None:
+    """Set ``env`` in this process where the user has not set the variable already."""
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+
+
 class VLLMBackend(TokenizerMixin):
     """Generate with an in-process vLLM ``AsyncLLM``.
 
@@ -94,13 +127,15 @@ class VLLMBackend(TokenizerMixin):
         model: ``"default"`` (embedded Qwen2.5-Coder-0.5B-Instruct), ``"small"`` (SmolLM2-135M) or a
             local model directory.
         max_model_len: Context window the engine reserves for (prompt + completion).
-        dtype: Weight dtype; ``None`` picks float32 on the CPU (3.4x faster than bfloat16 on a CPU
-            without AVX-512 BF16) and ``"auto"`` on a GPU.
+        dtype: Weight dtype; ``None`` picks the faster one for this CPU (bfloat16 with AVX-512
+            BF16 / AMX, float32 with AVX2 only) and ``"auto"`` on a GPU.
         enforce_eager: Skip torch.compile/CUDA graphs: ~40 s instead of ~220 s start-up on a CPU.
         enable_lora: Serve LoRA adapters per request (``GenerationRequest.lora``).
         max_lora_rank: Largest adapter rank the engine accepts.
         max_loras: Adapters resident at once.
         kv_cache_gib: KV-cache size on the CPU (``VLLM_CPU_KVCACHE_SPACE``); ignored on a GPU.
+            On a CPU with at most 4 usable cores every core is bound to the engine's workers
+            (vLLM would otherwise keep one for its scheduler); a user's ``VLLM_CPU_*`` wins.
         seed: Engine seed.
         engine_kwargs: Any other ``vllm.AsyncEngineArgs`` field (``tensor_parallel_size``,
             ``gpu_memory_utilization``, ``enable_prefix_caching``...).
@@ -131,7 +166,6 @@ class VLLMBackend(TokenizerMixin):
         self.model_path: Path = resolve_model(model)
         try:
             from vllm import AsyncEngineArgs
-            from vllm.platforms import current_platform
             from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise BackendUnavailableError(
@@ -139,8 +173,7 @@ class VLLMBackend(TokenizerMixin):
                 "`pip install -e '.[gpu]'` (CUDA build)"
             ) from exc
 
-        if current_platform.is_cpu():
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        apply_engine_env(engine_env(kv_cache_gib=kv_cache_gib))
         args = engine_args(
             self.model_path, max_model_len=max_model_len, dtype=dtype, enforce_eager=enforce_eager,
             seed=seed,
