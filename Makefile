@@ -13,7 +13,7 @@ EXTRAS ?= cpu,models,train,eval,dev
 DEMO_QUESTION ?= A shop sells pens at 3 dollars each and notebooks at 5 dollars each. Mia buys 4 pens and 3 notebooks and pays with a 50 dollar bill. How much change does she get? Put the final answer in \boxed{}.
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench train-demo eval-demo lint clean
+.PHONY: setup demo test test-fast bench bench-throughput llama-server train-demo eval-demo lint clean
 
 $(STAMP): pyproject.toml Makefile
 	@echo "==> creating $(VENV) and installing aft-graph[$(EXTRAS)] (first time: a few minutes, ~4 GB)"
@@ -42,6 +42,25 @@ test-fast: setup
 bench: setup
 	$(BIN)/python benchmarks/engines.py
 	$(BIN)/python benchmarks/graph_overhead.py
+
+# llama.cpp's own server, the CPU anchor of the engine benchmarks: built from the llama.cpp sources
+# vendored in llama-cpp-python's sdist on PyPI (cmake + a C++ compiler; 10-15 min on 2 cores).
+LLAMA_CPP_PYTHON ?= 0.3.36
+LLAMA_DIR := .venv-llama
+$(LLAMA_DIR)/bin/llama-server: | setup
+	@mkdir -p $(LLAMA_DIR)/src $(LLAMA_DIR)/bin
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_CPP_PYTHON)" -d $(LLAMA_DIR)/src
+	tar xzf $(LLAMA_DIR)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(LLAMA_DIR)/src
+	cd $(LLAMA_DIR)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp && \
+	  cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+	    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON && \
+	  cmake --build build --target llama-server -j$$(nproc)
+	cp -a $(LLAMA_DIR)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/build/bin/. $(LLAMA_DIR)/bin/
+
+llama-server: $(LLAMA_DIR)/bin/llama-server
+
+bench-throughput: setup llama-server
+	$(BIN)/python benchmarks/aggregation_throughput.py --out docs/engines.md
 
 train-demo: setup
 	$(BIN)/aft-train demo --out runs/train-demo

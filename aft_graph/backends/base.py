@@ -123,6 +123,9 @@ class Completion(BaseModel):
     prompt_tokens: int = Field(ge=0)
     completion_tokens: int = Field(ge=0)
     finish_reason: Literal["stop", "length", "error"] | str = "stop"
+    # Prompt tokens the engine took from its prefix cache instead of computing (vLLM reports it;
+    # 0 where the engine does not say). prompt_tokens - cached_prompt_tokens were prefilled.
+    cached_prompt_tokens: int = Field(0, ge=0)
 
 
 @runtime_checkable

@@ -270,6 +270,7 @@ class VLLMBackend(TokenizerMixin):
                 prompt_tokens=len(ids),
                 completion_tokens=len(o.token_ids),
                 finish_reason=o.finish_reason or "stop",
+                cached_prompt_tokens=final.num_cached_tokens or 0,
             )
             for o in sorted(final.outputs, key=lambda o: o.index)
         ]
