@@ -130,11 +130,19 @@ def load_suite(
     return Suite(name=name, tasks=tasks, seed=seed)
 
 
-def evaluation_suites(seed: int = 0) -> list[Suite]:
-    """The suites of :data:`EVALUATION_SUITES` (one whose package is missing is skipped, with a
-    warning: it cannot be evaluated on here either)."""
+def evaluation_suites(names: Iterable[str] | None = None, seed: int = 0) -> list[Suite]:
+    """The evaluation suites, each as large as :data:`EVALUATION_SUITES` says (200 by default).
+
+    Args:
+        names: Suite names (default: all of :data:`EVALUATION_SUITES`).
+        seed: The evaluation seed.
+
+    A suite whose package is missing is skipped with a warning (it cannot be evaluated on here
+    either).
+    """
     suites = []
-    for name, n in EVALUATION_SUITES.items():
+    for name in EVALUATION_SUITES if names is None else names:
+        n = EVALUATION_SUITES.get(name, 200 if name.startswith("rg") else None)
         try:
             suites.append(load_suite(name, n=n, seed=seed))
         except ImportError as exc:
