@@ -50,7 +50,7 @@ from aft_graph.eval import (  # noqa: E402
     load_records,
     summarize,
     summary_markdown,
-    write_plots,  # noqa: E402
+    write_plots,
 )
 from aft_graph.tasks import load_suite  # noqa: E402
 
