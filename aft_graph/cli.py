@@ -212,7 +212,7 @@ def eval_(
     verbose: _Verbose = False,
 ) -> None:
     """Evaluate strategies on a verifiable task suite: accuracy per layer, compute, intervals."""
-    from .evaluate import evaluate, parse_strategies, summary_markdown
+    from .eval import evaluate, parse_strategies, summary_markdown
     from .tasks import load_suite
 
     try:

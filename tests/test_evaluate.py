@@ -10,7 +10,7 @@ import pytest
 from aft_graph import AggregateConfig, SamplingConfig
 from aft_graph.backends import ScriptedBackend
 from aft_graph.backends.base import derive_seed
-from aft_graph.evaluate import (
+from aft_graph.eval import (
     bootstrap_interval,
     compute_matched,
     evaluate,
