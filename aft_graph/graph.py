@@ -2,15 +2,18 @@
 
 Topology (every strategy shares it, so comparisons are like for like)::
 
-    prepare ──Send×K──► generate ──► collect ──Send×M──► generate ──► collect ── ... ──► finalize
+    prepare ──Send×K──► propose ──► collect_layer ──Send×M──► aggregate ──► collect_layer ── ...
+                                                                                  ──► finalize
 
 - ``prepare`` reads the question (``question`` or the last human chat message), checks that the
   prompts will fit the context window and fixes the per-proposal token budget.
-- ``generate`` is one generation call; layer 0 proposes, later layers aggregate the texts their
-  ``Send`` payload names. Results fan in through a list reducer (``pending``).
-- ``collect`` closes a layer: orders its texts, emits a :class:`~aft_graph.events.LayerEvent`, and
-  replaces the population with the new texts (``Overwrite``). Its conditional edge fans out the
-  next layer or goes to ``finalize``.
+- ``propose`` is one proposal call (layer 0); ``aggregate`` is one aggregation (or refinement)
+  call of a later layer, reading the texts its ``Send`` payload names. Both fan in through a list
+  reducer (``pending``), so the drawing and traces show the method: proposals fan in to
+  aggregators.
+- ``collect_layer`` is the layer barrier: it orders the layer's texts, emits a
+  :class:`~aft_graph.events.LayerEvent`, and replaces the population with the new texts
+  (``Overwrite``). Its conditional edge fans out the next layer or goes to ``finalize``.
 - ``finalize`` picks the answer (last / majority / reward) and appends it as an AI message.
 
 With a checkpointer every super-step is saved, so a run interrupted in layer l + 1 resumes there
@@ -177,7 +180,7 @@ def build_graph(
     def sends(question: str, layer: int, population: list[str], budget: int) -> list[Send]:
         return [
             Send(
-                "generate",
+                "propose" if layer == 0 else "aggregate",
                 _Task(
                     question=question,
                     layer=layer,
@@ -270,7 +273,7 @@ def build_graph(
             return {"pending": [{**record, "error": f"{type(exc).__name__}: {exc}"}]}
         return {"pending": [{**record, **completion.model_dump(), "error": None}]}
 
-    async def collect(state: _State) -> dict[str, Any]:
+    async def collect_layer(state: _State) -> dict[str, Any]:
         layer = state["layer"]
         done = sorted(state.get("pending") or [], key=lambda r: r["index"])
         ok = [r for r in done if r["error"] is None]
@@ -334,12 +337,16 @@ def build_graph(
         _State, context_schema=AggregateContext, input_schema=InputState, output_schema=OutputState
     )
     builder.add_node("prepare", prepare)
-    builder.add_node("generate", generate, retry_policy=retry)
-    builder.add_node("collect", collect)
+    # Two nodes run the same call so that proposals and aggregations are told apart in the
+    # mermaid drawing and in traces; both retry transient backend errors.
+    builder.add_node("propose", generate, retry_policy=retry)
+    builder.add_node("aggregate", generate, retry_policy=retry)
+    builder.add_node("collect_layer", collect_layer)
     builder.add_node("finalize", finalize)
     builder.add_edge(START, "prepare")
-    builder.add_conditional_edges("prepare", start_layer0, ["generate"])
-    builder.add_edge("generate", "collect")
-    builder.add_conditional_edges("collect", next_layer, ["generate", "finalize"])
+    builder.add_conditional_edges("prepare", start_layer0, ["propose"])
+    builder.add_edge("propose", "collect_layer")
+    builder.add_edge("aggregate", "collect_layer")
+    builder.add_conditional_edges("collect_layer", next_layer, ["aggregate", "finalize"])
     builder.add_edge("finalize", END)
     return builder.compile(checkpointer=checkpointer, name=name or "aft_graph")

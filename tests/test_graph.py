@@ -309,3 +309,21 @@ async def test_self_refine_is_sequential_with_one_source():
     refine_calls = backend.calls[1:]
     for layer, call in enumerate(refine_calls, start=1):
         assert result["layers"][layer - 1]["texts"][0] in call.messages[-1]["content"]
+
+
+async def test_drawing_and_traces_show_proposals_fanning_in_to_aggregators():
+    graph = build_graph(ScriptedBackend(), _cfg(proposals=2, layers=1))
+    drawing = graph.get_graph().draw_mermaid()
+    for node in ("prepare", "propose", "collect_layer", "aggregate", "finalize"):
+        assert node in drawing
+    nodes = set(graph.get_graph().nodes)
+    assert {"propose", "aggregate", "collect_layer"} <= nodes
+    assert "generate" not in nodes and "collect" not in nodes
+    # Traces name the same nodes: 2 proposal calls, the barrier, 2 aggregation calls, ...
+    steps = [
+        node
+        async for update in graph.astream({"question": "q?"}, stream_mode="updates")
+        for node in update
+    ]
+    assert steps == ["prepare", "propose", "propose", "collect_layer", "aggregate", "aggregate",
+                     "collect_layer", "finalize"]  # fmt: skip
