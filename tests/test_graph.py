@@ -189,7 +189,8 @@ async def test_checkpointed_run_resumes_after_interruption_without_regenerating(
         # Layer 2 (its prompts hold layer-1 texts, whose seeds differ from layer 0's) fails once.
         return attempts["fail"] and _is_aggregation(req) and "text-" in req.messages[-1]["content"] and req.sampling.seed == seeds_layer2[0]
 
-    cfg = _cfg(proposals=2, layers=2, max_retries=1)
+    # Both calls of a layer must succeed, so the failing call stops the run.
+    cfg = _cfg(proposals=2, layers=2, max_retries=1, min_survivors=2)
     from aft_graph.backends.base import derive_seed
 
     seeds_layer2 = [derive_seed(cfg.seed, 2, 0)]
@@ -199,7 +200,8 @@ async def test_checkpointed_run_resumes_after_interruption_without_regenerating(
     with pytest.raises(Exception, match="scripted failure"):
         await graph.ainvoke({"question": "q?"}, run)
     calls_before = len(backend.calls)
-    assert calls_before == 2 + 2 + 2  # layers 0 and 1 done, both layer-2 calls attempted
+    # layers 0 and 1 done, both layer-2 calls attempted, and the failed one tried once more
+    assert calls_before == 2 + 2 + 2 + 1
     state = await graph.aget_state(run)
     assert [ly["layer"] for ly in state.values["layers"]] == [0, 1]
 
