@@ -9,7 +9,9 @@ tabulates what these tests inject and hold.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import socket
 import time
 from typing import Any
 
@@ -493,3 +495,67 @@ async def test_completions_the_backend_returns_as_dicts_are_validated():
     odd = [c for c in backend.calls if c.sampling.seed % 2]
     assert len(result["layers"][0]["texts"]) == len(odd) > 0
     assert all("returned a dict, not a Completion" in f for f in result["layers"][0]["failures"])
+
+
+# ---------------------------------------------------------------- HTTP: a timed-out call hangs up
+
+
+class _HangingServer:
+    """An OpenAI-compatible server that never answers a completion; it records when the client
+    hangs up (what makes `vllm serve` abort the request)."""
+
+    def __init__(self) -> None:
+        import select
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.hung_up = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                card = {"id": "m", "object": "model", "created": 0, "owned_by": "vllm",
+                        "max_model_len": 4096}  # fmt: skip
+                data = json.dumps({"object": "list", "data": [card]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                end = time.monotonic() + 20
+                while time.monotonic() < end:
+                    ready, _, _ = select.select([self.connection], [], [], 0.05)
+                    if ready and self.connection.recv(1, socket.MSG_PEEK) == b"":
+                        server.hung_up.set()
+                        return
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+async def test_a_timed_out_http_call_hangs_up_on_the_server():
+    from aft_graph.backends import OpenAIBackend
+
+    server = _HangingServer()
+    try:
+        backend = OpenAIBackend(server.url, max_retries=0)
+        cfg = _cfg(strategy="self_consistency", proposals=1, call_timeout_s=0.3)
+        start = time.monotonic()
+        with pytest.raises(LayerFailedError, match="CallTimeoutError"):
+            await asyncio.wait_for(build_graph(backend, cfg).ainvoke({"question": "Q[w] ?"}), 15)
+        assert time.monotonic() - start < 5
+        assert await asyncio.to_thread(server.hung_up.wait, 5)  # the request was cancelled
+        await backend.aclose()
+    finally:
+        server.close()
