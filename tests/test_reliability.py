@@ -559,3 +559,17 @@ async def test_a_timed_out_http_call_hangs_up_on_the_server():
         await backend.aclose()
     finally:
         server.close()
+
+
+def test_the_command_line_reports_a_failed_run_without_a_traceback(monkeypatch):
+    from typer.testing import CliRunner
+
+    from aft_graph import cli
+
+    broken = Faulty(AggregateConfig(), {(0, i): "permanent" for i in range(4)})
+    monkeypatch.setattr(cli, "make_backend", lambda *a, **k: broken)
+    result = CliRunner().invoke(cli.app, ["run", "Q[c] 2+2? [bold]", "--proposals", "4"])
+    assert result.exit_code == 1
+    assert "LayerFailedError" in result.output and "layer 0 kept 0 of its 4" in result.output
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)  # typer.Exit(1), not the error itself
