@@ -40,7 +40,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any
 
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
 from langgraph.channels.ephemeral_value import EphemeralValue
@@ -49,6 +49,7 @@ from langgraph.graph.message import add_messages
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import Overwrite, RetryPolicy, Send
+from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12 (JSON schemas)
 
 from .answers import extract_answer, majority_vote
 from .backends.base import (

@@ -581,3 +581,10 @@ def test_the_command_line_reports_a_failed_run_without_a_traceback(monkeypatch):
     assert "LayerFailedError" in result.output and "layer 0 kept 0 of its 4" in result.output
     assert "Traceback" not in result.output
     assert isinstance(result.exception, SystemExit)  # typer.Exit(1), not the error itself
+
+
+def test_input_and_output_json_schemas_build():
+    """LangGraph Server and HTTP front ends read these; the question is a string input."""
+    graph = build_graph(ScriptedBackend())
+    assert graph.get_input_jsonschema()["properties"]["question"]["type"] == "string"
+    assert {"answer", "layers", "usage"} <= set(graph.get_output_jsonschema()["properties"])

@@ -291,7 +291,8 @@ class VLLMBackend(TokenizerMixin):
                 await asyncio.shield(engine.abort(request_id))
             raise
         except Exception as exc:
-            if engine.errored:
+            # EngineDeadError may arrive before the engine's monitor thread marks it errored.
+            if engine.errored or type(exc).__name__ == "EngineDeadError":
                 raise BackendUnavailableError(self._dead_message(exc)) from exc
             raise BackendError(f"vLLM rejected the request: {exc}") from exc
         if final is None:  # pragma: no cover - vLLM always yields a final output
