@@ -45,6 +45,8 @@ CODE_INSTRUCTION = (
 
 ANSWER_INSTRUCTIONS: dict[str, str] = {
     "tag": "Give the final answer inside <answer></answer> tags.",
+    # The evaluation suites' instruction: training queries asked the same way as held-out ones.
+    "think": RG_ANSWER_INSTRUCTION,
     "boxed": "Put the final answer inside \\boxed{}.",
     "none": "",
 }
