@@ -297,7 +297,11 @@ class DemoConfig(_Config):
         tuple(EVALUATION_SUITES),
         description="Evaluation suites the queries must be disjoint from (aft_graph.tasks).",
     )
-    answer_format: Literal["tag", "boxed"] = Field("tag", description="How answers are asked for.")
+    answer_format: Literal["tag", "boxed", "think"] = Field(
+        "tag",
+        description="How answers are asked for (think: step-by-step reasoning, then the answer in "
+        "<answer> tags, as the evaluation suites ask).",
+    )
     last_number: bool = Field(
         True,
         description="Lenient verifier: a response without an <answer> tag is read by its last "
@@ -325,3 +329,8 @@ class DemoConfig(_Config):
     lora_r: int = Field(8, ge=1, le=16)
     max_model_len: int = Field(2048, ge=256, description="vLLM context window.")
     merged: bool = Field(True, description="Also export a merged model directory.")
+    data_dir: Path | None = Field(
+        None,
+        description="Pack the run's jsonl data here (gzipped, with a manifest; commit it) after "
+        "every stage, and restore it from here first: a run continues on another machine.",
+    )

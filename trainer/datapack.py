@@ -1,11 +1,12 @@
 """Carry a run's data across machines: gzipped copies of its jsonl files plus a manifest.
 
 Long recipe runs outlive a machine here (sessions end, the next one may be a new machine), so the
-data a run produced is committed: ``pack`` writes ``<name>.jsonl.gz`` beside every ``.jsonl`` of
-the run directory and ``MANIFEST.json`` (rows, bytes, sha256 of the uncompressed text, the
-recipe configuration, when); ``unpack`` restores the ``.jsonl`` files a fresh clone lacks (or
-holds fewer rows of), so every stage resumes where the packed data stopped instead of starting
-over. Run directories keep the plain files out of git (see ``.gitignore``).
+data a run produced is committed: ``pack`` copies every ``.jsonl`` of the run directory (under
+``runs/``, not in git: it also holds checkpoints and models) into a data directory (under
+``data/``, in git) as ``<name>.jsonl.gz``, with ``MANIFEST.json`` (rows, bytes, sha256 of the
+uncompressed text, the recipe configuration, when); ``unpack`` restores the ``.jsonl`` files a
+fresh clone lacks (or holds fewer rows of), so every stage resumes where the packed data stopped
+instead of starting over.
 """
 
 from __future__ import annotations
@@ -26,17 +27,20 @@ def _rows(data: bytes) -> int:
     return sum(1 for line in data.splitlines() if line.strip())
 
 
-def pack(run_dir: str | Path, *, config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write ``.jsonl.gz`` copies of the run's jsonl files (and small json files) + the manifest.
+def pack(
+    run_dir: str | Path, data_dir: str | Path, *, config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write ``.jsonl.gz`` copies of the run's jsonl files into ``data_dir``, plus the manifest.
 
     Only complete lines are packed (a file being appended to may end mid-line).
     """
-    run = Path(run_dir)
+    run, dest = Path(run_dir), Path(data_dir)
     entries = {}
     for path in sorted(run.rglob("*.jsonl")):
         data = path.read_bytes()
         data = data[: data.rfind(b"\n") + 1]  # drop a partly written last line
-        gz = path.with_suffix(".jsonl.gz")
+        gz = dest / (str(path.relative_to(run)) + ".gz")
+        gz.parent.mkdir(parents=True, exist_ok=True)
         # mtime=0: the same data gives the same bytes, so git sees no change on a re-pack.
         gz.write_bytes(gzip.compress(data, mtime=0))
         entries[str(path.relative_to(run))] = {
@@ -50,7 +54,7 @@ def pack(run_dir: str | Path, *, config: dict[str, Any] | None = None) -> dict[s
         "files": entries,
         "config": config,
     }
-    old = run / MANIFEST
+    old = dest / MANIFEST
     if old.is_file():
         previous = json.loads(old.read_text())
         manifest["history"] = previous.get("history", []) + [
@@ -62,20 +66,20 @@ def pack(run_dir: str | Path, *, config: dict[str, Any] | None = None) -> dict[s
     return manifest
 
 
-def unpack(run_dir: str | Path) -> list[str]:
+def unpack(data_dir: str | Path, run_dir: str | Path) -> list[str]:
     """Restore ``.jsonl`` files from their packed copies where the plain file is missing or shorter.
 
     Returns the restored files. A packed file whose content does not match the manifest's sha256
     raises ``ValueError`` (a corrupt or hand-edited pack must not seed a training run).
     """
-    run = Path(run_dir)
-    manifest_path = run / MANIFEST
+    run, src = Path(run_dir), Path(data_dir)
+    manifest_path = src / MANIFEST
     if not manifest_path.is_file():
         return []
     files = json.loads(manifest_path.read_text()).get("files", {})
     restored = []
     for rel, meta in files.items():
-        path, gz = run / rel, run / (rel + ".gz")
+        path, gz = run / rel, src / (rel + ".gz")
         if not gz.is_file():
             continue
         have = _rows(path.read_bytes()) if path.is_file() else -1

@@ -29,7 +29,7 @@ from aft_graph.backends.base import Backend, BackendUnavailableError
 from aft_graph.prompts import AFT_TEMPLATE, aggregation_messages
 from aft_graph.tasks import Verifier
 
-from . import stages
+from . import datapack, stages
 from ._run import console
 from .config import AggregationConfig, DemoConfig, SFTConfig
 from .records import DataReport, ProposalRecord, read_records
@@ -63,10 +63,17 @@ async def run_recipe(
     reports: list[DataReport] = []
     started = t = time.monotonic()
 
+    if config.data_dir is not None:
+        restored = datapack.unpack(config.data_dir, out)
+        if restored:
+            con.print(f"restored from {config.data_dir}: {', '.join(restored)}")
+
     def lap(name: str) -> None:
         nonlocal t
         timings[name] = round(time.monotonic() - t, 1)
         con.print(f"[green]done[/green] {name} in {timings[name]} s")
+        if config.data_dir is not None:
+            datapack.pack(out, config.data_dir, config=json.loads(config.model_dump_json()))
         t = time.monotonic()
 
     with con.status("queries: generating and checking them against the evaluation suites"):
