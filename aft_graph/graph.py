@@ -19,7 +19,6 @@ without regenerating finished layers (or finished calls of the interrupted layer
 
 from __future__ import annotations
 
-import inspect
 import operator
 import random
 import time
@@ -34,7 +33,8 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import Overwrite, RetryPolicy, Send
 
-from .answers import extract_answer, majority_vote
+from .adaptive import AdaptivePolicy
+from .answers import extract_answer
 from .backends.base import (
     Backend,
     BackendError,
@@ -53,6 +53,7 @@ RewardFn = Callable[[str, str], float | Awaitable[float]]
 """``reward_fn(question, text) -> score`` (sync or async); higher is better."""
 
 _MIN_PROPOSAL_BUDGET = 16  # below this an aggregation prompt carries too little to be useful
+_NOTE_TOKENS = 48  # a code-check note appended to a proposal (about 30 words)
 
 
 @dataclass
@@ -77,11 +78,17 @@ class InputState(TypedDict, total=False):
 
 
 class OutputState(TypedDict, total=False):
-    """Graph output."""
+    """Graph output.
+
+    ``selection`` says how the answer was picked: the rule (``last``, ``majority``,
+    ``confidence``, ``usc``, ``behaviour``... or a named fallback), the index of the chosen text
+    among the texts selected from, and the rule's details.
+    """
 
     answer: str
     layers: list[dict[str, Any]]
     usage: dict[str, int]
+    selection: dict[str, Any]
     messages: Annotated[list[AnyMessage], add_messages]
 
 
@@ -92,6 +99,16 @@ class _State(InputState, OutputState, total=False):
     layer: int  # index of the layer being generated
     budget: int
     started: float
+    # Adaptive compute and selection (aft_graph.adaptive): the population's indices into the last
+    # layer's texts and their confidences; the next wave of proposals to send; after an early
+    # exit, the agreed text; code-check notes; the model's test inputs; selector-call usage.
+    population_ids: list[int]
+    confidences: list[float | None]
+    wave: list[int]
+    early_choice: int | None
+    notes: list[str] | None
+    test_calls: list[str] | None
+    extra_usage: list[dict[str, int]]
 
 
 class _Task(TypedDict):
@@ -101,6 +118,11 @@ class _Task(TypedDict):
     sources: list[int]
     texts: list[str]
     budget: int
+    notes: list[str] | None  # code-check notes on the texts, appended after truncation
+
+
+def _usage_of(completion: Any) -> dict[str, int]:
+    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens}
 
 
 def _question_of(state: _State) -> str:
@@ -151,6 +173,7 @@ def build_graph(
         )
     depth = config.depth
     template = config.resolved_template
+    policy = AdaptivePolicy(config, backend)  # refuses confidence modes without log-probabilities
 
     def layer_kind(layer: int) -> str:
         if layer == 0:
@@ -174,7 +197,15 @@ def build_graph(
         calls = 1 if (config.single_final_aggregation and layer == depth) else config.proposals
         return [everyone for _ in range(calls)]
 
-    def sends(question: str, layer: int, population: list[str], budget: int) -> list[Send]:
+    def sends(
+        question: str,
+        layer: int,
+        population: list[str],
+        budget: int,
+        ids: list[int] | None = None,
+        notes: list[str] | None = None,
+    ) -> list[Send]:
+        ids = ids if ids is not None else list(range(len(population)))
         return [
             Send(
                 "generate",
@@ -182,13 +213,26 @@ def build_graph(
                     question=question,
                     layer=layer,
                     index=i,
-                    sources=src,
+                    # Sources index the previous layer's texts, also when some were dropped.
+                    sources=[ids[j] for j in src],
                     texts=[population[j] for j in src],
                     budget=budget,
+                    notes=None if notes is None else [notes[j] for j in src],
                 ),
             )
             for i, src in enumerate(plan_layer(layer, len(population)))
         ]
+
+    def wave_sends(question: str, indices: list[int]) -> list[Send]:
+        return [
+            Send("generate", _Task(question=question, layer=0, index=i, sources=[], texts=[], budget=0))
+            for i in indices
+        ]
+
+    async def call(request: GenerationRequest) -> Any:
+        """A selector call outside the layers (USC's pick, the model's test inputs)."""
+        (completion,) = await backend.generate(request)
+        return completion
 
     def prepare(state: _State) -> dict[str, Any]:
         question = _question_of(state)
@@ -215,6 +259,8 @@ def build_graph(
                 - 8 * sources_per_call()  # joins between proposals may tokenize differently
             )
             budget = room // sources_per_call()
+            if config.code_checks:
+                budget -= _NOTE_TOKENS  # room for the note on what running each proposal showed
             if config.proposal_token_budget is not None:
                 budget = min(budget, config.proposal_token_budget)
             if budget < _MIN_PROPOSAL_BUDGET:
@@ -233,10 +279,15 @@ def build_graph(
             "pending": Overwrite([]),
             "layers": Overwrite([]),
             "started": time.monotonic(),
+            "wave": [],
+            "early_choice": None,
+            "notes": None,
+            "test_calls": None,
+            "extra_usage": [],
         }
 
     def start_layer0(state: _State) -> list[Send]:
-        return sends(state["question"], 0, [], state["budget"])
+        return wave_sends(state["question"], list(range(policy.first_wave())))
 
     async def generate(task: _Task, runtime: Runtime[AggregateContext]) -> dict[str, Any]:
         layer, index = task["layer"], task["index"]
@@ -244,7 +295,9 @@ def build_graph(
         truncated = 0
         if layer == 0:
             messages = proposal_messages(task["question"], system=config.proposal_system)
-            sampling = config.proposer.to_sampling(derive_seed(config.seed, layer, index))
+            sampling = config.proposer.to_sampling(
+                derive_seed(config.seed, layer, index), logprobs=policy.logprobs
+            )
             lora = ctx.lora
         else:
             fitted = []
@@ -252,8 +305,12 @@ def build_graph(
                 cut = backend.truncate(text, task["budget"])
                 truncated += cut != text
                 fitted.append(cut)
+            if task.get("notes"):
+                fitted = [f"{t}\n\n[{n}]" for t, n in zip(fitted, task["notes"], strict=True)]
             messages = aggregation_messages(task["question"], fitted, template)
-            sampling = config.aggregator.to_sampling(derive_seed(config.seed, layer, index))
+            sampling = config.aggregator.to_sampling(
+                derive_seed(config.seed, layer, index), logprobs=policy.logprobs
+            )
             lora = ctx.aggregator_lora or ctx.lora
         request = GenerationRequest(messages=tuple(messages), sampling=sampling, lora=lora)
         record: dict[str, Any] = {
@@ -268,7 +325,7 @@ def build_graph(
             raise  # transient: the node's RetryPolicy tries again
         except BackendError as exc:
             return {"pending": [{**record, "error": f"{type(exc).__name__}: {exc}"}]}
-        return {"pending": [{**record, **completion.model_dump(), "error": None}]}
+        return {"pending": [{**record, **policy.record(completion), "error": None}]}
 
     async def collect(state: _State) -> dict[str, Any]:
         layer = state["layer"]
@@ -281,11 +338,34 @@ def build_graph(
                 "layers are kept in the checkpoint if a checkpointer was given"
             )
         texts = [r["text"] for r in ok]
+        answers = [extract_answer(t, config.answer_format) for t in texts]
+        saved, waves, probability = 0, [], None
+        if layer == 0 and config.adaptive_width:
+            more, probability = policy.next_wave(answers, len(done))
+            if more:  # not sure yet: sample the next wave into the same layer
+                return {"wave": list(range(len(done), len(done) + more))}
+            waves = policy.waves_of(len(done))
+            saved = config.initial_count - len(done)
+        confidences = [r.get("confidence") for r in ok] if policy.logprobs else None
+        decision = policy.close_layer(layer, depth, answers, confidences)
+        kept = decision.kept if decision.kept is not None else list(range(len(texts)))
+        if decision.stopped_early:
+            saved += sum(len(plan_layer(later, len(kept))) for later in range(layer + 1, depth + 1))
+        extra: dict[str, Any] = {}
+        checks = None
+        if config.code_checks and layer < depth and not decision.stopped_early:
+            test_calls = state.get("test_calls")
+            if test_calls is None:
+                test_calls, completion = await policy.test_inputs(state["question"], call)
+                extra["test_calls"] = test_calls
+                if completion is not None:
+                    extra["extra_usage"] = [*state.get("extra_usage", []), _usage_of(completion)]
+            checks = await policy.code_notes(state["question"], texts, test_calls)
         event = LayerEvent(
             layer=layer,
             kind=layer_kind(layer),
             texts=texts,
-            answers=[extract_answer(t, config.answer_format) for t in texts],
+            answers=answers,
             sources=[r["sources"] for r in ok],
             prompt_tokens=[r["prompt_tokens"] for r in ok],
             completion_tokens=[r["completion_tokens"] for r in ok],
@@ -294,38 +374,70 @@ def build_graph(
             proposal_budget=state["budget"] if layer > 0 else None,
             failures=failures,
             elapsed_s=round(time.monotonic() - state.get("started", time.monotonic()), 3),
+            confidences=confidences,
+            kept=decision.kept,
+            waves=waves,
+            stop_probability=probability,
+            agreement=decision.agreement,
+            stopped_early=decision.stopped_early,
+            saved_calls=saved,
+            checks=checks,
         )
         await emit_layer(event)
         return {
-            "population": texts,
+            **extra,
+            "population": [texts[i] for i in kept],
+            "population_ids": kept,
+            "confidences": [confidences[i] for i in kept] if confidences is not None else [],
+            "notes": None if checks is None else [checks[i] for i in kept],
             "pending": Overwrite([]),
             "layers": [event.model_dump()],
-            "layer": layer + 1,
+            "layer": depth + 1 if decision.stopped_early else layer + 1,
+            "early_choice": decision.choice if decision.stopped_early else None,
+            "wave": [],
             "started": time.monotonic(),
         }
 
     def next_layer(state: _State) -> list[Send] | str:
+        if state.get("wave"):
+            return wave_sends(state["question"], state["wave"])
         if state["layer"] > depth:
             return "finalize"
-        return sends(state["question"], state["layer"], state["population"], state["budget"])
+        return sends(
+            state["question"],
+            state["layer"],
+            state["population"],
+            state["budget"],
+            state.get("population_ids"),
+            state.get("notes"),
+        )
 
     async def finalize(state: _State) -> dict[str, Any]:
         texts = state["population"]
-        rule = config.resolved_select
-        choice = 0
-        if rule == "majority":
-            vote = majority_vote([extract_answer(t, config.answer_format) for t in texts])
-            choice = vote.index if vote.index is not None else 0
-        elif rule == "reward":
-            scores = []
-            for text in texts:
-                score = reward_fn(state["question"], text)  # type: ignore[misc]
-                scores.append(await score if inspect.isawaitable(score) else score)
-            choice = max(range(len(texts)), key=scores.__getitem__)
-        layers = [LayerEvent.model_validate(d) for d in state["layers"]]
+        test_calls = state.get("test_calls")
+        extra_usage = list(state.get("extra_usage") or [])
+        if config.resolved_select == "behaviour" and test_calls is None:
+            test_calls, completion = await policy.test_inputs(state["question"], call)
+            if completion is not None:
+                extra_usage.append(_usage_of(completion))
+        selection = await policy.select(
+            state["question"],
+            texts,
+            [extract_answer(t, config.answer_format) for t in texts],
+            state.get("confidences") or None,
+            call=call,
+            reward_fn=reward_fn,
+            test_calls=test_calls or (),
+            early_choice=state.get("early_choice"),
+        )
+        choice = selection.index
+        usage = Usage.from_layers([LayerEvent.model_validate(d) for d in state["layers"]])
+        for u in [*extra_usage, *map(_usage_of, selection.calls)]:
+            usage.add_call(u["prompt_tokens"], u["completion_tokens"])
         return {
             "answer": texts[choice],
-            "usage": Usage.from_layers(layers).model_dump(),
+            "usage": usage.model_dump(),
+            "selection": {"index": choice, "rule": selection.rule, **selection.detail},
             "messages": [AIMessage(content=texts[choice], name=name)],
         }
 
