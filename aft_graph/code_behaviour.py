@@ -535,7 +535,7 @@ def behaviour_notes(vote: BehaviourVote) -> list[str]:
     notes = []
     for i, run in enumerate(vote.runs):
         if not run.loaded:
-            notes.append(f"Checked by running it: it does not run ({run.error}).")
+            notes.append(f"Checked by running it: it does not run ({(run.error or '')[:80]}).")
             continue
         parts = []
         if vote.examples:

@@ -158,6 +158,11 @@ class AggregateConfig(BaseModel):
                 f"early_exit stops before aggregation layers, and strategy {self.strategy!r} with "
                 f"these sizes has none: use adaptive_width=True to sample fewer proposals instead"
             )
+        if self.early_exit and self.strategy == "self_refine":
+            raise ValueError(
+                "early_exit stops when several texts of a layer agree, and self_refine has one per "
+                "layer: use it with propose_aggregate or rsa"
+            )
         if self.adaptive_width:
             if self.strategy in ("self_refine", "best_of_n"):
                 raise ValueError(

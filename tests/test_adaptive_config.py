@@ -13,6 +13,7 @@ from aft_graph.config import AggregateConfig
     [
         (dict(strategy="self_consistency", early_exit=True), "use adaptive_width=True"),
         (dict(layers=0, early_exit=True), "has none"),
+        (dict(strategy="self_refine", layers=2, early_exit=True), "self_refine has one per layer"),
         (dict(adaptive_width=True, first_wave=5, proposals=4), "set first_wave <= proposals"),
         (dict(strategy="self_refine", adaptive_width=True), "self_refine does not use"),
         (dict(strategy="best_of_n", adaptive_width=True), "best_of_n"),

@@ -301,3 +301,26 @@ class TestBehaviour:
         prompt = calls_of(backend, "aggregate")[0].messages[-1]["content"]
         assert f"{RIGHT}\n\n[{checks[1]}]" in prompt
         assert result["layers"][1]["checks"] is None  # the last layer is not checked
+
+
+async def test_waves_and_early_exit_under_a_checkpointer():
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    config = _cfg(proposals=8, layers=2, adaptive_width=True, early_exit=True)
+    plain = await build_graph(scripted(["\\boxed{3}"] * 8), config).ainvoke({"question": "q?"})
+    backend = scripted(["\\boxed{3}"] * 8)
+    graph = build_graph(backend, config, checkpointer=InMemorySaver())
+    saved = await graph.ainvoke({"question": "q?"}, {"configurable": {"thread_id": "t"}})
+    assert saved["usage"] == plain["usage"] and saved["answer"] == plain["answer"]
+    assert len(backend.calls) == 4
+
+
+def test_chat_model_backend_cannot_weigh_by_confidence():
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+
+    from aft_graph.backends import ChatModelBackend
+
+    backend = ChatModelBackend(FakeListChatModel(responses=["x"]))
+    with pytest.raises(ValueError, match="ChatModelBackend does not return"):
+        build_graph(backend, _cfg(strategy="self_consistency", select="confidence"))
+    build_graph(backend, _cfg(strategy="self_consistency", select="usc"))  # USC needs none
