@@ -7,6 +7,7 @@
 """
 
 from .answers import extract_answer, majority_vote
+from .calls import LayerFailedError, LayerUnavailableError
 from .config import AggregateConfig, SamplingConfig
 from .events import EVENT_NAME, LayerEvent, Usage
 from .graph import AggregateContext, build_graph
@@ -18,6 +19,8 @@ __all__ = [
     "AggregateConfig",
     "AggregateContext",
     "LayerEvent",
+    "LayerFailedError",
+    "LayerUnavailableError",
     "PromptTemplate",
     "SamplingConfig",
     "Usage",

@@ -15,7 +15,8 @@ top of the pure rules in :mod:`aft_graph.consensus`, :mod:`aft_graph.selection` 
 - at the end: which text is the answer (:meth:`AdaptivePolicy.select`).
 
 Calls outside the layers (USC's pick, the model's test inputs) go through the ``call`` function the
-graph passes in, so they get the same guards as every other call.
+graph passes in, so they get the same guards (timeouts, deadline) as every other call; if one fails
+the selection falls back (plain vote; stated examples only) and says so.
 """
 
 from __future__ import annotations
@@ -224,7 +225,10 @@ class AdaptivePolicy:
             messages=tuple(input_request_messages(problem, self.config.proposed_inputs)),
             sampling=self.config.proposer.to_sampling(derive_seed(self.config.seed, "test-inputs")),
         )
-        completion = await call(request)
+        try:
+            completion = await call(request)
+        except Exception:  # noqa: BLE001 - a failed selector call: vote on the stated examples
+            return [], None
         calls = parse_proposed_calls(
             completion.text, problem.entry_point, limit=self.config.proposed_inputs
         )
@@ -335,7 +339,10 @@ class AdaptivePolicy:
             messages=tuple(usc_messages(question, fitted)),
             sampling=sampling.to_sampling(derive_seed(self.config.seed, "usc")),
         )
-        completion = await call(request)
+        try:
+            completion = await call(request)
+        except Exception as exc:  # noqa: BLE001 - a failed selector call leaves the plain vote
+            return majority(f"the usc call failed: {exc}"[:200])
         pick = parse_usc_choice(completion.text, n)
         if pick is None:
             selection = majority("usc gave no pick")

@@ -59,11 +59,16 @@ def _arun(main):
         loop.add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
         return await main()
 
+    from .backends.base import BackendError
+
     try:
         return asyncio.run(guarded())
     except asyncio.CancelledError:
         _err.print("[yellow]terminated: the engine was shut down[/yellow]")
         raise typer.Exit(143) from None
+    except BackendError as exc:  # a failed layer, an unreachable server: a message, no traceback
+        _err.print(Text.assemble((f"{type(exc).__name__}: ", "red"), str(exc)))
+        raise typer.Exit(1) from None
 
 
 def make_backend(
@@ -212,7 +217,7 @@ def eval_(
     verbose: _Verbose = False,
 ) -> None:
     """Evaluate strategies on a verifiable task suite: accuracy per layer, compute, intervals."""
-    from .evaluate import evaluate, parse_strategies, summary_markdown
+    from .eval import evaluate, parse_strategies, summary_markdown
     from .tasks import load_suite
 
     try:

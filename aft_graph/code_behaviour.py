@@ -38,6 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .tasks.code import defines, extract_code
+
 __all__ = [
     "BehaviourVote",
     "CandidateRun",
@@ -53,8 +55,8 @@ __all__ = [
 
 Message = dict[str, str]
 
-# The same fence rule as the evaluation's code extraction (aft_graph.tasks.extract_code), kept
-# here so this module does not depend on the evaluation package. TODO(lead): dedupe.
+# Fenced code blocks (as aft_graph.tasks.code reads responses), for the question's stub and the
+# model's proposed calls.
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 # "f(1, 2) == 3", "f(1) ➞ 3", "f(1) -> 3", "f(1) => 3", "f(1) should return 3"
 _ARROW = re.compile(r"^\s*(==>|==|➞|->|=>|→|should\s+return|returns?)\s*(.+?)\s*$", re.I)
@@ -115,10 +117,10 @@ class CodeProblem:
 
     def program(self, text: str) -> str | None:
         """The candidate's code made runnable after the stub, or ``None`` if it has none."""
-        code = _extract_code(text, self.entry_point)
+        code = extract_code(text, self.entry_point)
         if not code.strip():
             return None
-        if re.search(rf"^\s*def\s+{re.escape(self.entry_point)}\s*\(", code, re.M):
+        if defines(code, self.entry_point):
             # A whole function: the stub first (imports, helpers), its empty body completed; the
             # candidate's definition then replaces it.
             return f"{self.stub.rstrip()}\n    pass\n\n{code}"
@@ -136,14 +138,6 @@ def _parse_stub(stub: str) -> ast.Module | None:
         except SyntaxError:
             continue
     return None
-
-
-def _extract_code(text: str, entry_point: str) -> str:
-    blocks = [b for b in _FENCE.findall(text) if b.strip()]
-    if not blocks:
-        return text
-    defining = [b for b in blocks if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", b, re.M)]
-    return defining[-1] if defining else max(blocks, key=len)
 
 
 def _is_expression(source: str) -> bool:
@@ -343,8 +337,9 @@ _out.close()
 
 
 def _limits_preamble(memory_bytes: int, cpu_seconds: int) -> str:
-    # Same limits as the evaluation's HumanEval runner (aft_graph.tasks); the program limits
-    # itself before any candidate code runs (no preexec_fn: the caller may be threaded).
+    # Same limits as the evaluation's HumanEval runner (aft_graph.tasks.code, private there:
+    # TODO(lead) share one); the program limits itself before any candidate code runs (no
+    # preexec_fn: the caller may be threaded).
     return (
         "import resource as _r\n"
         f"_r.setrlimit(_r.RLIMIT_AS, ({memory_bytes}, {memory_bytes}))\n"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .answers import AnswerFormat
 from .backends.base import Sampling
@@ -31,8 +31,18 @@ class SamplingConfig(BaseModel):
     temperature: float = Field(0.7, ge=0.0, le=5.0, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0, description="None/0 disables top-k.")
-    max_tokens: int = Field(512, ge=1, description="New tokens per completion.")
+    max_tokens: int = Field(512, ge=1, strict=True, description="New tokens per completion.")
     stop: tuple[str, ...] = ()
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: tuple[str, ...]) -> tuple[str, ...]:
+        if any(s == "" for s in stop):
+            raise ValueError(
+                "stop holds an empty string, which would end every completion before its first "
+                "token: remove it (stop=() for none)"
+            )
+        return stop
 
     def to_sampling(self, seed: int | None, n: int = 1, *, logprobs: bool = False) -> Sampling:
         return Sampling(
@@ -85,7 +95,23 @@ class AggregateConfig(BaseModel):
         proposal_token_budget: Cap on tokens per proposal inside an aggregation prompt; the graph
             also shrinks it so that the prompt fits the context window. Cuts are reported.
         single_final_aggregation: Sample one aggregation (not K) in the last AFT layer.
-        max_retries: Attempts per generation call on a transient backend error.
+        max_retries: Attempts per generation call on a transient backend error
+            (``BackendUnavailableError``); after the last one the call counts as failed.
+        retry_backoff_s: Wait before the first retry of a transient failure; it doubles per
+            attempt (LangGraph ``RetryPolicy``, with jitter, at most 128 s). Raise it with
+            ``max_retries`` to ride out a server restart (about a minute for ``vllm serve``).
+        call_timeout_s: Seconds one generation call may take (queueing in the engine included);
+            a call past it is cancelled, which aborts the request in the engine, and counts as a
+            failed call. The default, 30 minutes, only catches a hung engine: a loaded CPU
+            engine can take minutes per call. ``None`` disables it.
+        run_timeout_s: Deadline of one invocation of the graph (``ainvoke``/``astream``; a resume
+            is a new invocation with a fresh deadline). Calls still running at the deadline are
+            cancelled like timed-out calls, so the run stops with a :class:`LayerFailedError`
+            naming the layer. ``None`` (default): no deadline.
+        min_survivors: Successful calls a layer needs to go on (capped at the calls the layer
+            makes). Below it the failed calls get one more try each, and if one fails again the
+            run stops with a :class:`LayerFailedError` naming layer, calls and causes; with a
+            checkpointer the thread resumes from there.
         early_exit: Consensus early exit: after any layer but the last, if at least ``agreement``
             of its texts state the same answer, finalize without the remaining layers (agreement
             among the proposals means no aggregation call at all). The layer event and ``usage``
@@ -110,38 +136,45 @@ class AggregateConfig(BaseModel):
         proposed_inputs: For ``select="behaviour"`` / ``code_checks``: ask the model (one extra
             call per question) for this many test inputs, run every candidate on them too and
             group candidates by their outputs; 0 uses the stated examples only.
+
+    Integer and boolean fields take ints and bools only (``proposals="4"`` or ``True`` is refused
+    rather than coerced).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     strategy: Strategy = "propose_aggregate"
-    proposals: int = Field(4, ge=1, description="K: proposals per question.")
-    layers: int = Field(1, ge=0, description="L: aggregation layers / refinement rounds.")
-    population: int = Field(8, ge=1, description="N: RSA population size.")
-    subset_size: int = Field(4, ge=1, description="K: members each RSA aggregation reads.")
-    steps: int = Field(2, ge=0, description="T: RSA aggregation steps.")
+    proposals: int = Field(4, ge=1, strict=True, description="K: proposals per question.")
+    layers: int = Field(1, ge=0, strict=True, description="L: aggregation layers / refinement rounds.")
+    population: int = Field(8, ge=1, strict=True, description="N: RSA population size.")
+    subset_size: int = Field(4, ge=1, strict=True, description="K: members each RSA aggregation reads.")
+    steps: int = Field(2, ge=0, strict=True, description="T: RSA aggregation steps.")
     proposer: SamplingConfig = SamplingConfig()
     aggregator: SamplingConfig = SamplingConfig()
-    seed: int | None = 0
+    seed: int | None = Field(0, strict=True)
     select: Selection | None = None
     answer_format: AnswerFormat = "auto"
     template: PromptTemplate | None = None
     proposal_system: str | None = None
-    proposal_token_budget: int | None = Field(None, ge=16)
-    single_final_aggregation: bool = False
-    max_retries: int = Field(3, ge=1)
-    early_exit: bool = False
+    proposal_token_budget: int | None = Field(None, ge=16, strict=True)
+    single_final_aggregation: bool = Field(False, strict=True)
+    max_retries: int = Field(3, ge=1, strict=True)
+    retry_backoff_s: float = Field(0.5, ge=0)
+    call_timeout_s: float | None = Field(1800.0, gt=0)
+    run_timeout_s: float | None = Field(None, gt=0)
+    min_survivors: int = Field(1, ge=1, strict=True)
+    early_exit: bool = Field(False, strict=True)
     agreement: float = Field(1.0, gt=0.5, le=1.0, description="Fraction that must agree.")
-    adaptive_width: bool = False
-    first_wave: int = Field(2, ge=1)
-    wave_step: int | None = Field(None, ge=1)
+    adaptive_width: bool = Field(False, strict=True)
+    first_wave: int = Field(2, ge=1, strict=True)
+    wave_step: int | None = Field(None, ge=1, strict=True)
     stop_rule: StopRule = "beta"
     stop_confidence: float = Field(0.95, gt=0.0, lt=1.0)
     confidence: ConfidenceMethod = "mean"
-    confidence_window: int = Field(32, ge=1)
+    confidence_window: int = Field(32, ge=1, strict=True)
     keep_confident: float | None = Field(None, gt=0.0, le=1.0)
-    code_checks: bool = False
-    proposed_inputs: int = Field(0, ge=0, le=20)
+    code_checks: bool = Field(False, strict=True)
+    proposed_inputs: int = Field(0, ge=0, le=20, strict=True)
 
     @model_validator(mode="after")
     def _consistent(self) -> AggregateConfig:

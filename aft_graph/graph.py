@@ -1,20 +1,42 @@
 """``build_graph``: propose-and-aggregate as a LangGraph ``StateGraph``.
 
+(About 450 lines, on purpose: the nodes are closures over one configuration and one backend, and
+keeping them together keeps the whole topology readable in one place. The guarded generation
+call itself lives in :mod:`aft_graph.calls`.)
+
 Topology (every strategy shares it, so comparisons are like for like)::
 
-    prepare ──Send×K──► generate ──► collect ──Send×M──► generate ──► collect ── ... ──► finalize
+    prepare ──Send×K──► propose ──► collect_layer ──Send×M──► aggregate ──► collect_layer ── ...
+                                                                                  ──► finalize
 
 - ``prepare`` reads the question (``question`` or the last human chat message), checks that the
   prompts will fit the context window and fixes the per-proposal token budget.
-- ``generate`` is one generation call; layer 0 proposes, later layers aggregate the texts their
-  ``Send`` payload names. Results fan in through a list reducer (``pending``).
-- ``collect`` closes a layer: orders its texts, emits a :class:`~aft_graph.events.LayerEvent`, and
-  replaces the population with the new texts (``Overwrite``). Its conditional edge fans out the
-  next layer or goes to ``finalize``.
-- ``finalize`` picks the answer (last / majority / reward) and appends it as an AI message.
+- ``propose`` is one proposal call (layer 0); ``aggregate`` is one aggregation (or refinement)
+  call of a later layer, reading the texts its ``Send`` payload names. Both fan in through a list
+  reducer (``pending``), so the drawing and traces show the method: proposals fan in to
+  aggregators.
+- ``collect_layer`` is the layer barrier: it orders the layer's texts, emits a
+  :class:`~aft_graph.events.LayerEvent`, and replaces the population with the new texts
+  (``Overwrite``). Its conditional edge fans out the next layer or goes to ``finalize``.
+- ``finalize`` picks the answer (last / majority / reward / confidence / usc / behaviour) and
+  appends it as an AI message.
+
+Adaptive compute (decided in :mod:`aft_graph.adaptive`): with ``adaptive_width`` the proposals
+come in waves, ``collect_layer`` sending the next wave of ``propose`` calls into the same layer
+until the stopping rule is sure; with ``early_exit`` a layer whose answers agree goes straight to
+``finalize``. Selector calls outside the layers (USC's pick, the model's test inputs for code) are
+guarded like every other call and counted in ``usage``.
 
 With a checkpointer every super-step is saved, so a run interrupted in layer l + 1 resumes there
 without regenerating finished layers (or finished calls of the interrupted layer).
+
+Failures (see :mod:`aft_graph.calls`): a call that fails (error, timeout, empty text, a backend
+breaking its contract, a transient error after ``max_retries`` attempts) is recorded in its layer's
+``failures`` and the layer goes on with the survivors. A layer left with fewer than
+``min_survivors`` successful calls gives its failed calls one more attempt, each of which must
+succeed; the first that fails stops the run with a :class:`~aft_graph.calls.LayerFailedError`.
+Those attempts are the pending tasks of the checkpoint, so ``ainvoke(None, config)`` on the same
+thread retries exactly them once the cause is fixed.
 """
 
 from __future__ import annotations
@@ -24,24 +46,33 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any
 
 from langchain_core.messages import AIMessage, AnyMessage, HumanMessage
+from langgraph.channels.ephemeral_value import EphemeralValue
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 from langgraph.types import Overwrite, RetryPolicy, Send
+from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12 (JSON schemas)
 
 from .adaptive import AdaptivePolicy
 from .answers import extract_answer
 from .backends.base import (
     Backend,
-    BackendError,
     BackendUnavailableError,
     GenerationRequest,
     PromptTooLongError,
     derive_seed,
+)
+from .calls import (
+    CallFailure,
+    LayerFailedError,
+    LayerUnavailableError,
+    RunClock,
+    check_backend,
+    guarded_generate,
 )
 from .config import AggregateConfig
 from .events import LayerEvent, Usage, emit_layer
@@ -71,9 +102,13 @@ class AggregateContext:
 
 
 class InputState(TypedDict, total=False):
-    """Graph input: a ``question``, or chat ``messages`` (the last human message is the question)."""
+    """Graph input: a ``question``, or chat ``messages`` (the last human message is the question).
 
-    question: str
+    ``question`` is read by this turn only (an ephemeral channel): a later turn on the same
+    checkpointed thread that sends only messages is not answered with an earlier question.
+    """
+
+    question: Annotated[str, EphemeralValue(str)]
     messages: Annotated[list[AnyMessage], add_messages]
 
 
@@ -93,12 +128,14 @@ class OutputState(TypedDict, total=False):
 
 
 class _State(InputState, OutputState, total=False):
+    asked: str  # the question of the current turn, as prepare read it
     population: list[str]  # texts of the last finished layer
     pending: Annotated[list[dict[str, Any]], operator.add]  # fan-in of the running layer
     layers: Annotated[list[dict[str, Any]], operator.add]
     layer: int  # index of the layer being generated
     budget: int
     started: float
+    retry: list[dict[str, Any]]  # failed calls of a layer below min_survivors, to try once more
     # Adaptive compute and selection (aft_graph.adaptive): the population's indices into the last
     # layer's texts and their confidences; the next wave of proposals to send; after an early
     # exit, the agreed text; code-check notes; the model's test inputs; selector-call usage.
@@ -111,13 +148,14 @@ class _State(InputState, OutputState, total=False):
     extra_usage: list[dict[str, int]]
 
 
-class _Task(TypedDict):
+class _Task(TypedDict, total=False):
     question: str
     layer: int
     index: int
     sources: list[int]
     texts: list[str]
     budget: int
+    must_succeed: dict[str, Any]  # set on the last try of a layer below its minimum
     notes: list[str] | None  # code-check notes on the texts, appended after truncation
 
 
@@ -127,17 +165,22 @@ def _usage_of(completion: Any) -> dict[str, int]:
 
 def _question_of(state: _State) -> str:
     question = state.get("question")
-    if not question:
+    if question is None:
         for message in reversed(state.get("messages") or []):
             if isinstance(message, HumanMessage) or getattr(message, "type", None) == "human":
-                question = message.text if hasattr(message, "text") else str(message.content)
+                question = message.text if hasattr(message, "text") else message.content
                 break
-    if not question or not str(question).strip():
+    if question is not None and not isinstance(question, str):
+        raise TypeError(
+            f"the question must be text, got {type(question).__name__} ({question!r:.60}): pass "
+            "{'question': 'What is 2 + 2?'}"
+        )
+    if not question or not question.strip():
         raise ValueError(
             "the question is empty: pass {'question': '...'} or chat messages whose last human "
             "message holds the question"
         )
-    return str(question)
+    return question
 
 
 def build_graph(
@@ -163,9 +206,16 @@ def build_graph(
         "usage", "messages"}``; each layer is also streamed as a ``LayerEvent``.
 
     Raises:
+        TypeError: ``backend`` is not a generation backend, or ``config`` not an AggregateConfig.
         ValueError: ``select="reward"`` without a ``reward_fn``.
     """
-    config = config or AggregateConfig()
+    check_backend(backend)
+    config = AggregateConfig() if config is None else config
+    if not isinstance(config, AggregateConfig):
+        raise TypeError(
+            f"config must be an AggregateConfig, got {type(config).__name__}: pass "
+            "AggregateConfig(proposals=4, layers=1) (or AggregateConfig(**your_dict))"
+        )
     if config.resolved_select == "reward" and reward_fn is None:
         raise ValueError(
             f"strategy {config.strategy!r} selects by reward, so build_graph needs "
@@ -174,6 +224,7 @@ def build_graph(
     depth = config.depth
     template = config.resolved_template
     policy = AdaptivePolicy(config, backend)  # refuses confidence modes without log-probabilities
+    clock = RunClock()
 
     def layer_kind(layer: int) -> str:
         if layer == 0:
@@ -197,6 +248,9 @@ def build_graph(
         calls = 1 if (config.single_final_aggregation and layer == depth) else config.proposals
         return [everyone for _ in range(calls)]
 
+    def node_of(layer: int) -> str:
+        return "propose" if layer == 0 else "aggregate"
+
     def sends(
         question: str,
         layer: int,
@@ -208,7 +262,7 @@ def build_graph(
         ids = ids if ids is not None else list(range(len(population)))
         return [
             Send(
-                "generate",
+                node_of(layer),
                 _Task(
                     question=question,
                     layer=layer,
@@ -224,15 +278,30 @@ def build_graph(
         ]
 
     def wave_sends(question: str, indices: list[int]) -> list[Send]:
+        """Proposal calls ``indices`` (a wave of ``adaptive_width``, or all of them)."""
         return [
-            Send("generate", _Task(question=question, layer=0, index=i, sources=[], texts=[], budget=0))
+            Send("propose", _Task(question=question, layer=0, index=i, sources=[], texts=[], budget=0))
             for i in indices
         ]
 
-    async def call(request: GenerationRequest) -> Any:
-        """A selector call outside the layers (USC's pick, the model's test inputs)."""
-        (completion,) = await backend.generate(request)
-        return completion
+    def selector_call(runtime: Runtime[AggregateContext]):
+        """A guarded call outside the layers (USC's pick, the model's test inputs)."""
+
+        async def call(request: GenerationRequest) -> Any:
+            deadline = None
+            if config.run_timeout_s is not None:
+                deadline = clock.started(runtime.stream_writer) + config.run_timeout_s
+            # Not retried by a node's RetryPolicy: this is its last attempt.
+            return await guarded_generate(
+                backend,
+                request,
+                timeout_s=config.call_timeout_s,
+                deadline=deadline,
+                attempt=config.max_retries,
+                attempts=config.max_retries,
+            )
+
+        return call
 
     def prepare(state: _State) -> dict[str, Any]:
         question = _question_of(state)
@@ -272,13 +341,14 @@ def build_graph(
                     "raise the engine's max_model_len"
                 )
         return {
-            "question": question,
+            "asked": question,
             "layer": 0,
             "budget": budget,
             "population": [],
             "pending": Overwrite([]),
             "layers": Overwrite([]),
             "started": time.monotonic(),
+            "retry": [],
             "wave": [],
             "early_choice": None,
             "notes": None,
@@ -287,63 +357,110 @@ def build_graph(
         }
 
     def start_layer0(state: _State) -> list[Send]:
-        return wave_sends(state["question"], list(range(policy.first_wave())))
+        return wave_sends(state["asked"], list(range(policy.first_wave())))
 
     async def generate(task: _Task, runtime: Runtime[AggregateContext]) -> dict[str, Any]:
         layer, index = task["layer"], task["index"]
         ctx = runtime.context or AggregateContext()
-        truncated = 0
-        if layer == 0:
-            messages = proposal_messages(task["question"], system=config.proposal_system)
-            sampling = config.proposer.to_sampling(
-                derive_seed(config.seed, layer, index), logprobs=policy.logprobs
-            )
-            lora = ctx.lora
-        else:
-            fitted = []
-            for text in task["texts"]:
-                cut = backend.truncate(text, task["budget"])
-                truncated += cut != text
-                fitted.append(cut)
-            if task.get("notes"):
-                fitted = [f"{t}\n\n[{n}]" for t, n in zip(fitted, task["notes"], strict=True)]
-            messages = aggregation_messages(task["question"], fitted, template)
-            sampling = config.aggregator.to_sampling(
-                derive_seed(config.seed, layer, index), logprobs=policy.logprobs
-            )
-            lora = ctx.aggregator_lora or ctx.lora
-        request = GenerationRequest(messages=tuple(messages), sampling=sampling, lora=lora)
         record: dict[str, Any] = {
             "layer": layer,
             "index": index,
             "sources": task["sources"],
-            "truncated": truncated,
+            "truncated": 0,
         }
+        deadline = None
+        if config.run_timeout_s is not None:
+            deadline = clock.started(runtime.stream_writer) + config.run_timeout_s
         try:
-            (completion,) = await backend.generate(request)
-        except BackendUnavailableError:
-            raise  # transient: the node's RetryPolicy tries again
-        except BackendError as exc:
-            return {"pending": [{**record, "error": f"{type(exc).__name__}: {exc}"}]}
+            request = build_request(task, ctx, record)
+            completion = await guarded_generate(
+                backend,
+                request,
+                timeout_s=config.call_timeout_s,
+                deadline=deadline,
+                attempt=runtime.execution_info.node_attempt,
+                attempts=config.max_retries,
+            )
+        except CallFailure as failure:
+            if "must_succeed" in task:
+                stall = task["must_succeed"]
+                raise layer_failed(stall, f"call {index}: {failure.cause}", failure) from failure
+            return {"pending": [{**record, "error": failure.cause}]}
         return {"pending": [{**record, **policy.record(completion), "error": None}]}
 
-    async def collect(state: _State) -> dict[str, Any]:
+    def build_request(
+        task: _Task, ctx: AggregateContext, record: dict[str, Any]
+    ) -> GenerationRequest:
+        layer, index = task["layer"], task["index"]
+        try:
+            if layer == 0:
+                messages = proposal_messages(task["question"], system=config.proposal_system)
+                sampling = config.proposer.to_sampling(
+                    derive_seed(config.seed, layer, index), logprobs=policy.logprobs
+                )
+                lora = ctx.lora
+            else:
+                fitted = []
+                for text in task["texts"]:
+                    cut = backend.truncate(text, task["budget"])
+                    record["truncated"] += cut != text
+                    fitted.append(cut)
+                if task.get("notes"):
+                    fitted = [f"{t}\n\n[{n}]" for t, n in zip(fitted, task["notes"], strict=True)]
+                messages = aggregation_messages(task["question"], fitted, template)
+                sampling = config.aggregator.to_sampling(
+                    derive_seed(config.seed, layer, index), logprobs=policy.logprobs
+                )
+                lora = ctx.aggregator_lora or ctx.lora
+            return GenerationRequest(messages=tuple(messages), sampling=sampling, lora=lora)
+        except Exception as exc:  # noqa: BLE001 - e.g. a custom backend's truncate
+            raise CallFailure(f"{type(exc).__name__}: {exc}") from exc
+
+    def layer_failed(stall: dict[str, Any], last: str, failure: CallFailure) -> LayerFailedError:
+        call = last.split(":", 1)[0] + ":"
+        causes = [f"{last} (on its last try)" if c.startswith(call) else c for c in stall["causes"]]
+        hint = (
+            "The finished layers and calls are in the checkpoint: fix the cause and resume with "
+            "graph.ainvoke(None, config) on the same thread_id, which retries only the failed calls."
+            if checkpointer is not None
+            else "Pass a checkpointer to build_graph (and a thread_id) to make a run resumable."
+        )
+        unavailable = failure.unavailable and stall["all_unavailable"]
+        error = LayerUnavailableError if unavailable else LayerFailedError
+        return error(
+            stall["layer"], stall["succeeded"], stall["calls"], stall["needed"], causes, hint
+        )
+
+    async def collect_layer(state: _State, runtime: Runtime[AggregateContext]) -> dict[str, Any]:
         layer = state["layer"]
         done = sorted(state.get("pending") or [], key=lambda r: r["index"])
         ok = [r for r in done if r["error"] is None]
-        failures = [f"call {r['index']}: {r['error']}" for r in done if r["error"] is not None]
-        if not ok:
-            raise BackendError(
-                f"every generation call of layer {layer} failed ({'; '.join(failures)}); finished "
-                "layers are kept in the checkpoint if a checkpointer was given"
-            )
+        failed = [r for r in done if r["error"] is not None]
+        failures = [f"call {r['index']}: {r['error']}" for r in failed]
+        needed = min(config.min_survivors, len(done))
+        if len(ok) < needed:
+            # Not raised here: a failed barrier would be re-run on resume with the same failure
+            # records and fail again without a single call. The failed calls are sent once more
+            # instead, as calls that must succeed; they are what a resume re-runs.
+            stall = {
+                "layer": layer,
+                "succeeded": len(ok),
+                "calls": len(done),
+                "needed": needed,
+                "causes": failures,
+                "all_unavailable": all("BackendUnavailableError" in r["error"] for r in failed),
+            }
+            return {
+                "pending": Overwrite(ok),
+                "retry": [{**r, "must_succeed": stall} for r in failed],
+            }
         texts = [r["text"] for r in ok]
         answers = [extract_answer(t, config.answer_format) for t in texts]
         saved, waves, probability = 0, [], None
         if layer == 0 and config.adaptive_width:
             more, probability = policy.next_wave(answers, len(done))
             if more:  # not sure yet: sample the next wave into the same layer
-                return {"wave": list(range(len(done), len(done) + more))}
+                return {"wave": list(range(len(done), len(done) + more)), "retry": []}
             waves = policy.waves_of(len(done))
             saved = config.initial_count - len(done)
         confidences = [r.get("confidence") for r in ok] if policy.logprobs else None
@@ -356,11 +473,13 @@ def build_graph(
         if config.code_checks and layer < depth and not decision.stopped_early:
             test_calls = state.get("test_calls")
             if test_calls is None:
-                test_calls, completion = await policy.test_inputs(state["question"], call)
+                test_calls, completion = await policy.test_inputs(
+                    state["asked"], selector_call(runtime)
+                )
                 extra["test_calls"] = test_calls
                 if completion is not None:
                     extra["extra_usage"] = [*state.get("extra_usage", []), _usage_of(completion)]
-            checks = await policy.code_notes(state["question"], texts, test_calls)
+            checks = await policy.code_notes(state["asked"], texts, test_calls)
         event = LayerEvent(
             layer=layer,
             kind=layer_kind(layer),
@@ -396,15 +515,39 @@ def build_graph(
             "early_choice": decision.choice if decision.stopped_early else None,
             "wave": [],
             "started": time.monotonic(),
+            "retry": [],
         }
 
     def next_layer(state: _State) -> list[Send] | str:
+        if state.get("retry"):
+            layer = state["layer"]
+            # Sources name texts of the previous layer; find them in the population (which
+            # keep_confident may have thinned).
+            ids = state.get("population_ids") or list(range(len(state["population"])))
+            position = {source: j for j, source in enumerate(ids)}
+            notes = state.get("notes")
+            return [
+                Send(
+                    node_of(layer),
+                    _Task(
+                        question=state["asked"],
+                        layer=layer,
+                        index=r["index"],
+                        sources=r["sources"],
+                        texts=[state["population"][position[s]] for s in r["sources"]],
+                        budget=state["budget"],
+                        notes=None if notes is None else [notes[position[s]] for s in r["sources"]],
+                        must_succeed=r["must_succeed"],
+                    ),
+                )
+                for r in state["retry"]
+            ]
         if state.get("wave"):
-            return wave_sends(state["question"], state["wave"])
+            return wave_sends(state["asked"], state["wave"])
         if state["layer"] > depth:
             return "finalize"
         return sends(
-            state["question"],
+            state["asked"],
             state["layer"],
             state["population"],
             state["budget"],
@@ -412,16 +555,17 @@ def build_graph(
             state.get("notes"),
         )
 
-    async def finalize(state: _State) -> dict[str, Any]:
+    async def finalize(state: _State, runtime: Runtime[AggregateContext]) -> dict[str, Any]:
         texts = state["population"]
+        call = selector_call(runtime)
         test_calls = state.get("test_calls")
         extra_usage = list(state.get("extra_usage") or [])
         if config.resolved_select == "behaviour" and test_calls is None:
-            test_calls, completion = await policy.test_inputs(state["question"], call)
+            test_calls, completion = await policy.test_inputs(state["asked"], call)
             if completion is not None:
                 extra_usage.append(_usage_of(completion))
         selection = await policy.select(
-            state["question"],
+            state["asked"],
             texts,
             [extract_answer(t, config.answer_format) for t in texts],
             state.get("confidences") or None,
@@ -441,17 +585,27 @@ def build_graph(
             "messages": [AIMessage(content=texts[choice], name=name)],
         }
 
-    retry = RetryPolicy(max_attempts=config.max_retries, retry_on=BackendUnavailableError)
+    retry = RetryPolicy(
+        max_attempts=config.max_retries,
+        initial_interval=config.retry_backoff_s,
+        # LangGraph's jitter adds up to 1 s: spreads real reconnects, would swamp short backoffs.
+        jitter=config.retry_backoff_s >= 0.5,
+        retry_on=BackendUnavailableError,
+    )
     builder = StateGraph(
         _State, context_schema=AggregateContext, input_schema=InputState, output_schema=OutputState
     )
     builder.add_node("prepare", prepare)
-    builder.add_node("generate", generate, retry_policy=retry)
-    builder.add_node("collect", collect)
+    # Two nodes run the same call so that proposals and aggregations are told apart in the
+    # mermaid drawing and in traces; both retry transient backend errors.
+    builder.add_node("propose", generate, retry_policy=retry)
+    builder.add_node("aggregate", generate, retry_policy=retry)
+    builder.add_node("collect_layer", collect_layer)
     builder.add_node("finalize", finalize)
     builder.add_edge(START, "prepare")
-    builder.add_conditional_edges("prepare", start_layer0, ["generate"])
-    builder.add_edge("generate", "collect")
-    builder.add_conditional_edges("collect", next_layer, ["generate", "finalize"])
+    builder.add_conditional_edges("prepare", start_layer0, ["propose"])
+    builder.add_edge("propose", "collect_layer")
+    builder.add_edge("aggregate", "collect_layer")
+    builder.add_conditional_edges("collect_layer", next_layer, ["aggregate", "finalize"])
     builder.add_edge("finalize", END)
     return builder.compile(checkpointer=checkpointer, name=name or "aft_graph")

@@ -2,7 +2,7 @@
 confidence-weighted voting, universal self-consistency and behaviour-based code selection cost and
 give, each against the same strategy without it, on the same questions and samples.
 
-Two suites, each one resumable evaluation run (``aft_graph.evaluate.evaluate``; seeded requests
+Two suites, each one resumable evaluation run (``aft_graph.eval.evaluate``; seeded requests
 shared between strategies, so a variant and its full run see the same proposals)::
 
     # reasoning-gym held-out questions: AFT, RSA, self-consistency vs their adaptive variants
@@ -36,8 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# TODO(lead): these move with the evaluation package (aft_graph/eval/); update the imports then.
-from aft_graph.evaluate import (  # noqa: E402
+from aft_graph.eval import (  # noqa: E402
     bootstrap_interval,
     evaluate,
     load_records,

@@ -9,7 +9,7 @@ Two steps, both on the embedded default model (Qwen2.5-Coder-0.5B-Instruct) thro
            --suites rg-mix:easy_arithmetic,humaneval --n 16
 
 2. Compute-matched comparison on the chosen suite (single sample, self-consistency, best-of-N, AFT,
-   RSA, sized by ``aft_graph.evaluate.compute_matched`` to the same calls per question), resumable::
+   RSA, sized by ``aft_graph.eval.compute_matched`` to the same calls per question), resumable::
 
        AFT_GRAPH_CACHE=~/.cache/aft-graph .venv/bin/python benchmarks/quality.py compare \\
            --suite rg-mix:easy_arithmetic --n 30 --calls 6 --max-tokens 320
@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aft_graph.evaluate import (  # noqa: E402
+from aft_graph.eval import (  # noqa: E402
     REWARD_DESCRIPTION,
     compute_matched,
     evaluate,
@@ -50,8 +50,8 @@ from aft_graph.evaluate import (  # noqa: E402
     load_records,
     summarize,
     summary_markdown,
+    write_plots,
 )
-from aft_graph.plots import write_plots  # noqa: E402
 from aft_graph.tasks import load_suite  # noqa: E402
 
 DOCS = ROOT / "docs"

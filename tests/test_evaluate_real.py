@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from aft_graph.evaluate import evaluate, load_records, parse_strategies
+from aft_graph.eval import evaluate, load_records, parse_strategies
 from aft_graph.tasks import load_suite
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]

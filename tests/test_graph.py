@@ -189,7 +189,8 @@ async def test_checkpointed_run_resumes_after_interruption_without_regenerating(
         # Layer 2 (its prompts hold layer-1 texts, whose seeds differ from layer 0's) fails once.
         return attempts["fail"] and _is_aggregation(req) and "text-" in req.messages[-1]["content"] and req.sampling.seed == seeds_layer2[0]
 
-    cfg = _cfg(proposals=2, layers=2, max_retries=1)
+    # Both calls of a layer must succeed, so the failing call stops the run.
+    cfg = _cfg(proposals=2, layers=2, max_retries=1, min_survivors=2)
     from aft_graph.backends.base import derive_seed
 
     seeds_layer2 = [derive_seed(cfg.seed, 2, 0)]
@@ -199,7 +200,8 @@ async def test_checkpointed_run_resumes_after_interruption_without_regenerating(
     with pytest.raises(Exception, match="scripted failure"):
         await graph.ainvoke({"question": "q?"}, run)
     calls_before = len(backend.calls)
-    assert calls_before == 2 + 2 + 2  # layers 0 and 1 done, both layer-2 calls attempted
+    # layers 0 and 1 done, both layer-2 calls attempted, and the failed one tried once more
+    assert calls_before == 2 + 2 + 2 + 1
     state = await graph.aget_state(run)
     assert [ly["layer"] for ly in state.values["layers"]] == [0, 1]
 
@@ -309,3 +311,21 @@ async def test_self_refine_is_sequential_with_one_source():
     refine_calls = backend.calls[1:]
     for layer, call in enumerate(refine_calls, start=1):
         assert result["layers"][layer - 1]["texts"][0] in call.messages[-1]["content"]
+
+
+async def test_drawing_and_traces_show_proposals_fanning_in_to_aggregators():
+    graph = build_graph(ScriptedBackend(), _cfg(proposals=2, layers=1))
+    drawing = graph.get_graph().draw_mermaid()
+    for node in ("prepare", "propose", "collect_layer", "aggregate", "finalize"):
+        assert node in drawing
+    nodes = set(graph.get_graph().nodes)
+    assert {"propose", "aggregate", "collect_layer"} <= nodes
+    assert "generate" not in nodes and "collect" not in nodes
+    # Traces name the same nodes: 2 proposal calls, the barrier, 2 aggregation calls, ...
+    steps = [
+        node
+        async for update in graph.astream({"question": "q?"}, stream_mode="updates")
+        for node in update
+    ]
+    assert steps == ["prepare", "propose", "propose", "collect_layer", "aggregate", "aggregate",
+                     "collect_layer", "finalize"]  # fmt: skip

@@ -24,11 +24,11 @@ from pathlib import Path
 from aft_graph.answers import extract_answer
 from aft_graph.backends.base import Backend, GenerationRequest, PromptTooLongError, derive_seed
 from aft_graph.prompts import TEMPLATES, PromptTemplate, aggregation_messages
+from aft_graph.tasks import Verifier
 
 from ._run import bounded_map, progress
 from .config import AggregationConfig
 from .records import AggregationRecord, DataReport, JsonlWriter, ProposalRecord
-from .tasks import Verifier
 
 __all__ = ["aggregation_request", "build_aggregations", "get_template", "rejected_path"]
 

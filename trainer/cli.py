@@ -350,7 +350,7 @@ def demo(
     config: ConfigFile = None,
 ) -> None:
     """The whole recipe on the small model over a reasoning-gym mix; writes OUT/report.md."""
-    from .demo import run_demo
+    from .recipe import run_recipe
 
     cfg = _build(
         DemoConfig, config, out=out, model=model, train_size=train_size, eval_size=eval_size,
@@ -358,7 +358,7 @@ def demo(
         learning_rate=learning_rate, seed=seed, merged=merged, last_number=last_number,
     )
     _terminate_gracefully()
-    summary = asyncio.run(run_demo(cfg, fresh=fresh))
+    summary = asyncio.run(run_recipe(cfg, fresh=fresh))
     h, s = summary["heldout"], summary["sft"]
     typer.echo(
         f"loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}; held-out aggregator accuracy "

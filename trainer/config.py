@@ -21,6 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from aft_graph.answers import AnswerFormat
 from aft_graph.backends.base import Sampling
+from aft_graph.tasks import EVALUATION_SUITES, TaskSpec
+
+from .tasks import DEFAULT_MIX
 
 __all__ = [
     "AggregationConfig",
@@ -274,14 +277,31 @@ class SFTConfig(_Config):
 
 
 class DemoConfig(_Config):
-    """The whole recipe on a reasoning-gym task mix (``aft-train demo``)."""
+    """The whole recipe on a reasoning-gym task mix (``aft-train demo``; defaults: the CPU demo
+    on the small model; :func:`trainer.recipe.run_recipe` runs it for any model and sizes)."""
 
     out: Path = Field(Path("runs/train-demo"), description="Run directory.")
     model: str = Field("small", description="Model to train (and to sample from).")
     train_size: int = Field(40, ge=2, description="Training queries.")
     eval_size: int = Field(16, ge=1, description="Held-out queries (before/after comparison).")
-    seed: int = Field(0, description="Task and training seed.")
-    answer_format: Literal["tag", "boxed"] = Field("tag", description="How answers are asked for.")
+    seed: int = Field(0, description="Training seed (SFT data order, LoRA initialization).")
+    mix: tuple[TaskSpec, ...] = Field(
+        DEFAULT_MIX, description="reasoning-gym data sets (families) and configs of the queries."
+    )
+    task_seed: int = Field(
+        100_000,
+        description="Seed of the training queries (held-out: +1,000,000); far from the evaluation "
+        "suites' seeds, and checked disjoint from them.",
+    )
+    eval_suites: tuple[str, ...] = Field(
+        tuple(EVALUATION_SUITES),
+        description="Evaluation suites the queries must be disjoint from (aft_graph.tasks).",
+    )
+    answer_format: Literal["tag", "boxed", "think"] = Field(
+        "tag",
+        description="How answers are asked for (think: step-by-step reasoning, then the answer in "
+        "<answer> tags, as the evaluation suites ask).",
+    )
     last_number: bool = Field(
         True,
         description="Lenient verifier: a response without an <answer> tag is read by its last "
@@ -309,3 +329,8 @@ class DemoConfig(_Config):
     lora_r: int = Field(8, ge=1, le=16)
     max_model_len: int = Field(2048, ge=256, description="vLLM context window.")
     merged: bool = Field(True, description="Also export a merged model directory.")
+    data_dir: Path | None = Field(
+        None,
+        description="Pack the run's jsonl data here (gzipped, with a manifest; commit it) after "
+        "every stage, and restore it from here first: a run continues on another machine.",
+    )

@@ -24,9 +24,12 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if TYPE_CHECKING:
+    from aft_graph.tasks import Task
 
 __all__ = [
     "AggregationRecord",
@@ -78,6 +81,42 @@ class TaskRecord(BaseModel):
     def task_fields(self) -> dict[str, Any]:
         """The :class:`TaskRecord` part of any record (to carry it into the next stage)."""
         return {k: getattr(self, k) for k in TaskRecord.model_fields}
+
+    @classmethod
+    def from_task(cls, task: Task) -> TaskRecord:
+        """The record of a task made by :func:`aft_graph.tasks.reasoning_gym_tasks` (or any task
+        with a reference answer): reasoning-gym's entry metadata plus the generator's item seed."""
+        meta = task.metadata
+        metadata = dict(meta.get("entry", {}).get("metadata", {}))
+        if meta.get("item_seed") is not None:
+            metadata["item_seed"] = meta["item_seed"]
+        return cls(
+            id=task.id, question=task.question, answer=task.reference,
+            task=meta.get("dataset"), metadata=metadata,
+        )  # fmt: skip
+
+    def to_task(self) -> Task:
+        """The :class:`aft_graph.tasks.Task` that the shared verifiers score.
+
+        A record naming a reasoning-gym data set is scored by that data set's ``score_answer``;
+        one with only a reference answer by math-verify equivalence.
+
+        Raises:
+            ValueError: The record has neither (no verifier can score it).
+        """
+        from aft_graph.tasks import Task, is_reasoning_gym_dataset
+
+        if self.task is not None and is_reasoning_gym_dataset(self.task):
+            entry = {"question": self.question, "answer": self.answer, "metadata": self.metadata}
+            meta = {"dataset": self.task, "config": {}, "entry": entry}
+            meta["item_seed"] = self.metadata.get("item_seed")
+            return Task(self.id, self.question, self.answer or "", meta, kind="reasoning_gym")
+        if self.answer is None:
+            raise ValueError(
+                f"task {self.id!r} has neither a reasoning-gym task name nor a reference answer, "
+                "so the verifier cannot score it: use a reward model or a judge instead"
+            )
+        return Task(self.id, self.question, self.answer, kind="math")
 
 
 class Proposal(BaseModel):

@@ -3,7 +3,7 @@
 Rewards (each returns one score per proposal, higher is better):
 
 - :class:`VerifierReward`: the task's own scorer (reasoning-gym ``score_answer``, else math-verify
-  against the reference answer), see :class:`trainer.tasks.Verifier`;
+  against the reference answer), see :class:`aft_graph.tasks.Verifier`;
 - :class:`RewardModelReward`: a transformers sequence-classification reward model;
 - :class:`JudgeReward`: an LLM judge through any backend (``Score: N`` out of 10);
 - :class:`DatasetReward`: scores loaded with off-policy proposals (e.g. UltraFeedback's).
@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from aft_graph.backends.base import Backend, GenerationRequest, Sampling
+from aft_graph.tasks import Verifier
 
 from ._run import bounded_map, progress
 from .config import SelectConfig
 from .records import DataReport, JsonlWriter, ProposalRecord
-from .tasks import Verifier
 
 __all__ = [
     "DatasetReward",

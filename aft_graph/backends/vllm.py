@@ -10,8 +10,12 @@ vLLM starts its engine core in a spawned process: scripts that build a ``VLLMBac
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import gc
 import os
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +159,15 @@ class VLLMBackend(TokenizerMixin):
     Raises:
         ModelNotFoundError: the model path does not exist or is not a model directory.
         BackendUnavailableError: vLLM is not installed.
+
+    Reliability: a cancelled ``generate`` (a timed-out graph call) is aborted in the engine. If the
+    engine process dies, every call raises :class:`BackendUnavailableError` saying so, and
+    :meth:`restart` starts a new engine with the same arguments. An engine still open when the
+    interpreter exits is shut down cleanly (no orphaned engine process, no teardown noise).
     """
+
+    _open: weakref.WeakSet[VLLMBackend] = weakref.WeakSet()
+    _exit_hook = False
 
     supports_logprobs = True
 
@@ -197,11 +209,56 @@ class VLLMBackend(TokenizerMixin):
             args.update(max_lora_rank=max_lora_rank, max_loras=max_loras)
         args.update(engine_kwargs or {})
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self._engine_args = args
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         self._context_window = self.engine.model_config.max_model_len
         self._enable_lora = enable_lora
         self._loras: dict[str, Any] = {}
         self._render = self._prompt_renderer()
+        VLLMBackend._open.add(self)
+        if not VLLMBackend._exit_hook:
+            atexit.register(VLLMBackend._close_all)
+            VLLMBackend._exit_hook = True
+
+    @staticmethod
+    def _close_all() -> None:
+        """At interpreter exit: shut down engines nobody closed, while modules are still intact.
+
+        Otherwise ``AsyncLLM.__del__`` runs during module teardown ("Exception ignored in
+        AsyncLLM.__del__ ... 'NoneType' object is not callable") and the engine core process
+        reports that its parent exited unexpectedly.
+        """
+        for backend in list(VLLMBackend._open):
+            backend.close()
+        gc.collect()  # drop the closed engines now, not during teardown
+
+    def restart(self) -> None:
+        """Start a new engine with the same arguments (after its process died); adapters stay."""
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.close()
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self._engine_args))
+        self._render = self._prompt_renderer()
+        VLLMBackend._open.add(self)
+
+    def _live_engine(self) -> Any:
+        """The engine, or a clear error if it was closed or its process died."""
+        if self.engine is None:
+            raise BackendError(
+                "this VLLMBackend was closed: create a new one, or call backend.restart()"
+            )
+        if self.engine.errored:
+            raise BackendUnavailableError(self._dead_message())
+        return self.engine
+
+    @staticmethod
+    def _dead_message(cause: BaseException | None = None) -> str:
+        because = f" ({type(cause).__name__}: {cause})" if cause is not None and str(cause) else ""
+        return (
+            f"the vLLM engine process has died{because}: call backend.restart() to start a new "
+            "engine, or create a new VLLMBackend (see the log above for why it died)"
+        )
 
     @property
     def context_window(self) -> int:
@@ -259,22 +316,31 @@ class VLLMBackend(TokenizerMixin):
     async def generate(self, request: GenerationRequest) -> list[Completion]:
         from vllm import TokensPrompt
 
+        engine = self._live_engine()
         ids = self.encode_prompt(request)
         max_tokens = check_fits(len(ids), request.sampling, self.context_window)
         params = vllm_sampling_params(request.sampling, max_tokens)
         lora = self._lora_request(request.lora)
         final = None
+        request_id = uuid.uuid4().hex
         try:
-            async for output in self.engine.generate(
+            async for output in engine.generate(
                 self._render(TokensPrompt(prompt_token_ids=ids)),
                 params,
-                request_id=uuid.uuid4().hex,
+                request_id=request_id,
                 lora_request=lora,
             ):
                 final = output
+        except asyncio.CancelledError:
+            # A timed-out call: vLLM aborts a cancelled generate itself; abort here too so the
+            # request can never keep decoding for nobody (aborting twice is harmless).
+            if not engine.errored:
+                await asyncio.shield(engine.abort(request_id))
+            raise
         except Exception as exc:
-            if self.engine.errored:
-                raise BackendUnavailableError(f"the vLLM engine died: {exc}") from exc
+            # EngineDeadError may arrive before the engine's monitor thread marks it errored.
+            if engine.errored or type(exc).__name__ == "EngineDeadError":
+                raise BackendUnavailableError(self._dead_message(exc)) from exc
             raise BackendError(f"vLLM rejected the request: {exc}") from exc
         if final is None:  # pragma: no cover - vLLM always yields a final output
             raise BackendError("vLLM returned no output")
@@ -297,8 +363,9 @@ class VLLMBackend(TokenizerMixin):
         """Shut the engine core process down (safe to call twice)."""
         engine = getattr(self, "engine", None)
         if engine is not None:
-            engine.shutdown()
             self.engine = None
+            engine.shutdown()
+        VLLMBackend._open.discard(self)
 
     async def __aenter__(self) -> VLLMBackend:
         return self
