@@ -324,3 +324,34 @@ def test_chat_model_backend_cannot_weigh_by_confidence():
     with pytest.raises(ValueError, match="ChatModelBackend does not return"):
         build_graph(backend, _cfg(strategy="self_consistency", select="confidence"))
     build_graph(backend, _cfg(strategy="self_consistency", select="usc"))  # USC needs none
+
+
+async def test_failed_usc_call_falls_back_to_the_vote():
+    backend = scripted(["\\boxed{1}", "\\boxed{2}", "\\boxed{2}"], extra={"usc": "unused"})
+    backend.fail = lambda req: _kind(req) == "usc"
+    config = _cfg(strategy="self_consistency", proposals=3, select="usc", max_retries=1)
+    result = await build_graph(backend, config).ainvoke({"question": "q?"})
+    assert result["answer"] == "\\boxed{2}"
+    assert result["selection"]["rule"].startswith("majority (the usc call failed:")
+    assert result["usage"]["selector_calls"] == 0  # no completion came back to count
+
+
+async def test_retried_aggregation_reads_the_kept_proposals():
+    texts = ["p0 \\boxed{1}", "p1 \\boxed{2}", "p2 \\boxed{3}", "p3 \\boxed{4}"]
+    conf = _confidence_by_text({texts[0]: -2.0, texts[1]: -0.1, texts[2]: -3.0, texts[3]: -0.5})
+    backend = scripted(texts, ["agg \\boxed{2}"], logprobs=conf)
+    failed: list[GenerationRequest] = []
+
+    def fail_once(req: GenerationRequest) -> bool:
+        if _kind(req) == "aggregate" and not failed:
+            failed.append(req)
+            return True
+        return False
+
+    backend.fail = fail_once
+    config = _cfg(proposals=4, layers=1, keep_confident=0.5, min_survivors=4, max_retries=1)
+    result = await build_graph(backend, config).ainvoke({"question": "q?"})
+    aggregations = calls_of(backend, "aggregate")
+    assert len(aggregations) == 5  # 4 + the failed one once more
+    assert all(_RESPONSE.findall(a.messages[-1]["content"]) == [texts[1], texts[3]] for a in aggregations)
+    assert len(result["layers"][1]["texts"]) == 4 and result["layers"][1]["sources"] == [[1, 3]] * 4
