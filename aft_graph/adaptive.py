@@ -45,7 +45,7 @@ from .selection import (
     usc_messages,
 )
 
-__all__ = ["AdaptivePolicy", "Call", "LayerDecision", "Selection"]
+__all__ = ["AdaptivePolicy", "Call", "LayerDecision", "FinalChoice"]
 
 Call = Callable[[GenerationRequest], Awaitable[Completion]]
 """One guarded generation call (the graph's), returning the single completion."""
@@ -72,7 +72,7 @@ class LayerDecision:
 
 
 @dataclass
-class Selection:
+class FinalChoice:
     """The final pick and how it was made.
 
     Attributes:
@@ -257,7 +257,7 @@ class AdaptivePolicy:
         reward_fn: Callable[[str, str], Any] | None = None,
         test_calls: Sequence[str] = (),
         early_choice: int | None = None,
-    ) -> Selection:
+    ) -> FinalChoice:
         """Pick the final text by ``config.resolved_select``.
 
         Args:
@@ -274,14 +274,14 @@ class AdaptivePolicy:
 
         rule = self.config.resolved_select
 
-        def majority(reason: str | None = None) -> Selection:
+        def majority(reason: str | None = None) -> FinalChoice:
             vote = majority_vote(answers)
             index = vote.index if vote.index is not None else 0
             label = "majority" if reason is None else f"majority ({reason})"
-            return Selection(index, label, detail={"votes": vote.count, "voters": vote.total})
+            return FinalChoice(index, label, detail={"votes": vote.count, "voters": vote.total})
 
         if rule == "last":
-            return Selection(early_choice if early_choice is not None else 0, "last")
+            return FinalChoice(early_choice if early_choice is not None else 0, "last")
         if rule == "majority":
             return majority()
         if rule == "reward":
@@ -290,12 +290,12 @@ class AdaptivePolicy:
             for text in texts:
                 score = reward_fn(question, text)
                 scores.append(await score if inspect.isawaitable(score) else score)
-            return Selection(max(range(len(texts)), key=scores.__getitem__), "reward", detail={"scores": scores})
+            return FinalChoice(max(range(len(texts)), key=scores.__getitem__), "reward", detail={"scores": scores})
         if rule == "confidence":
             vote = confidence_vote(answers, self._confidences(confidences, len(texts)))
             if vote.index is None:
                 return majority("no text stated an answer")
-            return Selection(
+            return FinalChoice(
                 vote.index,
                 "confidence",
                 detail={"weight": round(vote.weight, 6), "total_weight": round(vote.total_weight, 6)},
@@ -309,7 +309,7 @@ class AdaptivePolicy:
             vote = await abehaviour_vote(problem, texts, test_calls)
             if vote.index is None:
                 return majority("no candidate program runs")
-            return Selection(
+            return FinalChoice(
                 vote.index,
                 "behaviour",
                 detail={
@@ -322,10 +322,10 @@ class AdaptivePolicy:
         raise ValueError(f"unknown selection rule {rule!r}")  # pragma: no cover - config validates
 
     async def _usc(
-        self, question: str, texts: Sequence[str], call: Call, majority: Callable[[str], Selection]
-    ) -> Selection:
+        self, question: str, texts: Sequence[str], call: Call, majority: Callable[[str], FinalChoice]
+    ) -> FinalChoice:
         if len(texts) == 1:
-            return Selection(0, "usc (one text)")
+            return FinalChoice(0, "usc (one text)")
         backend, n = self.backend, len(texts)
         # Greedy: the pick is a judgement, not a sample.
         sampling = self.config.aggregator.model_copy(update={"temperature": 0.0})
@@ -349,4 +349,4 @@ class AdaptivePolicy:
             selection.calls.append(completion)
             selection.detail["usc_reply"] = completion.text[:300]
             return selection
-        return Selection(pick, "usc", calls=[completion], detail={"usc_reply": completion.text[:300]})
+        return FinalChoice(pick, "usc", calls=[completion], detail={"usc_reply": completion.text[:300]})
