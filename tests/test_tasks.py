@@ -234,3 +234,43 @@ def test_old_import_paths_still_work():
     assert old.evaluate is ev.evaluate and old.summarize is ev.summarize
     assert set(old.__all__) == set(ev.__all__)
     assert old_plots.write_plots is ev.write_plots
+
+
+# ------------------------------------------------------------- the recipe on a fake engine
+
+
+async def test_recipe_runs_the_stages_and_resumes(tmp_path, monkeypatch):
+    """run_recipe end to end on ScriptedBackend; SFT itself (a real model) is replaced by a fixed
+    result here and trained for real in tests/test_trainer_real.py."""
+    from trainer import recipe, stages
+    from trainer.sft import SFTResult
+
+    trained = []
+
+    async def fake_sft(config, *, show_progress=True):
+        trained.append(config)
+        adapter = config.output_dir / "adapter"
+        adapter.mkdir(parents=True, exist_ok=True)
+        return SFTResult(config.output_dir, adapter, examples=4, steps=2, losses=[(1, 0.9), (2, 0.5)])
+
+    monkeypatch.setattr(stages, "sft", fake_sft)
+    config = DemoConfig(
+        out=tmp_path, train_size=4, eval_size=2, proposals=3, k=2, aggregation_samples=2,
+        keep=1, steps=2, merged=False, task_seed=300_000, eval_suites=("rg-mix:easy_arithmetic",),
+    )  # fmt: skip
+    q = stages.queries(tmp_path, config.mix, 4, 2, seed=300_000, eval_suites=config.eval_suites)
+    backend = ScriptedBackend(_answering(q.train + q.heldout))
+    summary = await recipe.run_recipe(config, backend=backend, show_progress=False)
+    assert summary["disjoint_from"] == {"rg-mix:easy_arithmetic": 200}
+    assert summary["rewards"]["training_examples"] == 4 and trained[0].seed == config.seed
+    assert summary["heldout"]["questions"] == 2 and summary["heldout"]["aggregator_after"] == 1.0
+    assert summary["sft"]["first_loss"] == 0.9 and len(summary["graph"]) == 2
+    report = (tmp_path / "report.md").read_text()
+    assert "# AFT training run" in report and "basic_arithmetic + chain_sum" in report
+    assert json.loads((tmp_path / "summary.json").read_text())["heldout"] == summary["heldout"]
+
+    calls = len(backend.calls)
+    again = await recipe.run_recipe(config, backend=backend, show_progress=False)
+    # a rerun generates nothing again but the graph runs of the report (K proposals + 1 aggregation each)
+    assert len(backend.calls) - calls == 2 * (config.k + 1)
+    assert again["heldout"] == summary["heldout"]

@@ -25,7 +25,6 @@ from ..graph import RewardFn, build_graph
 from ..tasks import Suite, Task, ascore, proxy_reward, vote_key
 from .metrics import summarize
 from .report import write_summary
-from .strategies import _config_hash
 
 __all__ = ["REWARD_DESCRIPTION", "evaluate", "load_records"]
 
@@ -37,6 +36,11 @@ REWARD_DESCRIPTION = (
 )
 
 _RECORDS = "records.jsonl"
+
+
+def _config_hash(config: AggregateConfig) -> str:
+    # Records name the configuration they were made with: a resume never mixes two configs.
+    return hashlib.sha1(config.model_dump_json().encode()).hexdigest()[:12]
 
 
 class _SharedSamples:

@@ -8,7 +8,6 @@ same generated-token budget); :func:`grid_strategies` gives the AFT width x dept
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -229,8 +228,3 @@ def _parse_value(value: str) -> Any:
         return json.loads(value)
     except json.JSONDecodeError:
         return value
-
-
-def _config_hash(config: AggregateConfig) -> str:
-    return hashlib.sha1(config.model_dump_json().encode()).hexdigest()[:12]
-
