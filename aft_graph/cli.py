@@ -144,6 +144,9 @@ def run(
     seed: Annotated[int, typer.Option(help="Base seed.")] = 0,
     lora: Annotated[str | None, typer.Option(help="LoRA adapter directory for aggregation calls.")] = None,
     max_model_len: Annotated[int, typer.Option(help="Context window of the in-process engine.")] = 4096,
+    select: Annotated[str | None, typer.Option(help="Final pick: last, majority, confidence, usc or behaviour (default: per strategy).")] = None,
+    early_exit: Annotated[bool, typer.Option("--early-exit", help="Stop after a layer whose answers all agree.")] = False,
+    adaptive_width: Annotated[bool, typer.Option("--adaptive-width", help="Sample proposals in waves until the majority answer is settled.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
     verbose: _Verbose = False,
 ) -> None:
@@ -164,6 +167,9 @@ def run(
             proposer=SamplingConfig(temperature=temperature, max_tokens=max_tokens),
             aggregator=SamplingConfig(temperature=temperature, max_tokens=max_tokens),
             seed=seed,
+            select=select,
+            early_exit=early_exit,
+            adaptive_width=adaptive_width,
         )
         if not question.strip():
             raise typer.BadParameter("the question is empty")
@@ -185,7 +191,7 @@ def run(
 
     result = _arun(main)
     if as_json:
-        json.dump({k: result[k] for k in ("answer", "layers", "usage")}, sys.stdout, indent=2)
+        json.dump({k: result[k] for k in ("answer", "layers", "usage", "selection")}, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return
     console = Console()
@@ -195,6 +201,7 @@ def run(
     console.print(
         f"{usage['calls']} calls ({usage['proposer_calls']} proposer, {usage['aggregator_calls']} "
         f"aggregator), {usage['prompt_tokens']} prompt + {usage['completion_tokens']} generated tokens"
+        + (f"; {usage['saved_calls']} calls saved" if usage.get("saved_calls") else "")
     )
 
 

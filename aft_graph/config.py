@@ -11,12 +11,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .answers import AnswerFormat
 from .backends.base import Sampling
+from .consensus import StopRule
 from .prompts import PromptTemplate
+from .selection import ConfidenceMethod
 
-__all__ = ["STRATEGIES", "AggregateConfig", "SamplingConfig", "Strategy"]
+__all__ = ["SELECTIONS", "STRATEGIES", "AggregateConfig", "SamplingConfig", "Selection", "Strategy"]
 
 Strategy = Literal["propose_aggregate", "rsa", "self_consistency", "best_of_n", "self_refine"]
 STRATEGIES: tuple[str, ...] = Strategy.__args__  # type: ignore[attr-defined]
+Selection = Literal["last", "majority", "reward", "confidence", "usc", "behaviour"]
+SELECTIONS: tuple[str, ...] = Selection.__args__  # type: ignore[attr-defined]
 
 
 class SamplingConfig(BaseModel):
@@ -40,9 +44,10 @@ class SamplingConfig(BaseModel):
             )
         return stop
 
-    def to_sampling(self, seed: int | None, n: int = 1) -> Sampling:
+    def to_sampling(self, seed: int | None, n: int = 1, *, logprobs: bool = False) -> Sampling:
         return Sampling(
             n=n,
+            logprobs=logprobs,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
@@ -77,8 +82,13 @@ class AggregateConfig(BaseModel):
         aggregator: Sampling of aggregations / refinements.
         seed: Base seed: every call gets a seed derived from it, so runs are reproducible.
         select: How the final answer is chosen from the last layer: ``last`` (first text of the last
-            layer), ``majority`` (majority vote over extracted answers) or ``reward`` (highest score
-            of the reward function given to ``build_graph``).
+            layer), ``majority`` (majority vote over extracted answers), ``reward`` (highest score
+            of the reward function given to ``build_graph``), ``confidence`` (vote weighted by each
+            text's confidence from the engine's token log-probabilities, see
+            ``aft_graph.selection``), ``usc`` (universal self-consistency: one more call in which
+            the model names the most consistent text; for answers no extractor can vote on) or
+            ``behaviour`` (code: run the candidate programs on the examples the question states
+            and vote by what they do, see ``aft_graph.code_behaviour``).
         answer_format: How answers are extracted for voting (see ``aft_graph.answers``).
         template: Aggregation prompt; ``None`` picks the strategy's default (AFT, RSA or refine).
         proposal_system: Optional system message for proposals.
@@ -102,6 +112,30 @@ class AggregateConfig(BaseModel):
             makes). Below it the failed calls get one more try each, and if one fails again the
             run stops with a :class:`LayerFailedError` naming layer, calls and causes; with a
             checkpointer the thread resumes from there.
+        early_exit: Consensus early exit: after any layer but the last, if at least ``agreement``
+            of its texts state the same answer, finalize without the remaining layers (agreement
+            among the proposals means no aggregation call at all). The layer event and ``usage``
+            report the calls saved.
+        agreement: Fraction of a layer's texts that must agree for ``early_exit`` (1.0: all).
+        adaptive_width: Sample the initial proposals in waves (``first_wave``, then ``wave_step``
+            more at a time, up to K or N) and stop once Adaptive-Consistency's rule is sure of the
+            majority answer (``stop_rule``, ``stop_confidence``): an easy question costs a few
+            calls, a hard one K.
+        first_wave: Proposals in the first wave.
+        wave_step: Proposals per later wave; ``None`` doubles what was sampled (2, 2, 4, ...).
+        stop_rule: ``beta`` (leader vs runner-up) or ``dirichlet`` (leader vs all answers).
+        stop_confidence: Probability the rule must reach to stop (0.95 in the paper).
+        confidence: How a text's confidence is computed from its token log-probabilities:
+            ``mean``, ``lowest_group`` or ``tail`` (``aft_graph.selection.trace_confidence``).
+        confidence_window: Tokens per group for ``lowest_group`` / ``tail``.
+        keep_confident: Keep only this fraction of each layer's texts, the most confident ones,
+            before they are aggregated or voted on (DeepConf's filtering); ``None`` keeps all.
+        code_checks: Run each candidate program on the examples the question states before
+            aggregating, and tell the aggregator which candidates pass them and which behave
+            alike (code questions; other questions are left alone).
+        proposed_inputs: For ``select="behaviour"`` / ``code_checks``: ask the model (one extra
+            call per question) for this many test inputs, run every candidate on them too and
+            group candidates by their outputs; 0 uses the stated examples only.
 
     Integer and boolean fields take ints and bools only (``proposals="4"`` or ``True`` is refused
     rather than coerced).
@@ -118,7 +152,7 @@ class AggregateConfig(BaseModel):
     proposer: SamplingConfig = SamplingConfig()
     aggregator: SamplingConfig = SamplingConfig()
     seed: int | None = Field(0, strict=True)
-    select: Literal["last", "majority", "reward"] | None = None
+    select: Selection | None = None
     answer_format: AnswerFormat = "auto"
     template: PromptTemplate | None = None
     proposal_system: str | None = None
@@ -129,6 +163,18 @@ class AggregateConfig(BaseModel):
     call_timeout_s: float | None = Field(1800.0, gt=0)
     run_timeout_s: float | None = Field(None, gt=0)
     min_survivors: int = Field(1, ge=1, strict=True)
+    early_exit: bool = Field(False, strict=True)
+    agreement: float = Field(1.0, gt=0.5, le=1.0, description="Fraction that must agree.")
+    adaptive_width: bool = Field(False, strict=True)
+    first_wave: int = Field(2, ge=1, strict=True)
+    wave_step: int | None = Field(None, ge=1, strict=True)
+    stop_rule: StopRule = "beta"
+    stop_confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    confidence: ConfidenceMethod = "mean"
+    confidence_window: int = Field(32, ge=1, strict=True)
+    keep_confident: float | None = Field(None, gt=0.0, le=1.0)
+    code_checks: bool = Field(False, strict=True)
+    proposed_inputs: int = Field(0, ge=0, le=20, strict=True)
 
     @model_validator(mode="after")
     def _consistent(self) -> AggregateConfig:
@@ -140,7 +186,53 @@ class AggregateConfig(BaseModel):
             )
         if self.strategy == "best_of_n" and self.resolved_select != "reward":
             raise ValueError("best_of_n selects by reward: leave select unset or set select='reward'")
+        if self.early_exit and self.depth == 0:
+            raise ValueError(
+                f"early_exit stops before aggregation layers, and strategy {self.strategy!r} with "
+                f"these sizes has none: use adaptive_width=True to sample fewer proposals instead"
+            )
+        if self.early_exit and self.strategy == "self_refine":
+            raise ValueError(
+                "early_exit stops when several texts of a layer agree, and self_refine has one per "
+                "layer: use it with propose_aggregate or rsa"
+            )
+        if self.adaptive_width:
+            if self.strategy in ("self_refine", "best_of_n"):
+                raise ValueError(
+                    f"adaptive_width stops sampling once the answers agree, which {self.strategy} "
+                    "does not use: use it with self_consistency, propose_aggregate or rsa"
+                )
+            if self.first_wave > self.initial_count:
+                raise ValueError(
+                    f"first_wave ({self.first_wave}) is larger than the {self.initial_count} initial "
+                    "samples: set first_wave <= proposals (population for rsa)"
+                )
+        if self.keep_confident is not None and self.strategy == "self_refine":
+            raise ValueError(
+                "keep_confident drops the least confident of several texts, and self_refine has "
+                "one: use it with propose_aggregate, rsa or self_consistency"
+            )
+        if self.proposed_inputs and not (self.code_checks or self.resolved_select == "behaviour"):
+            raise ValueError(
+                "proposed_inputs are used by behaviour checks only: set select='behaviour' or "
+                "code_checks=True, or leave proposed_inputs=0"
+            )
+        if self.code_checks and self.depth == 0:
+            raise ValueError(
+                "code_checks tell the aggregator which candidates pass the stated examples, and "
+                f"strategy {self.strategy!r} has no aggregation: use select='behaviour' instead"
+            )
         return self
+
+    @property
+    def needs_logprobs(self) -> bool:
+        """Whether the run needs token log-probabilities from the engine."""
+        return self.resolved_select == "confidence" or self.keep_confident is not None
+
+    @property
+    def checks_code(self) -> bool:
+        """Whether candidate programs are run (behaviour selection or checks for the aggregator)."""
+        return self.code_checks or self.resolved_select == "behaviour"
 
     @property
     def resolved_select(self) -> str:

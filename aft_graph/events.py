@@ -38,6 +38,19 @@ class LayerEvent(BaseModel):
         proposal_budget: Tokens allowed per proposal inside an aggregation prompt.
         failures: Error messages of calls that failed (their texts are left out).
         elapsed_s: Wall time of the layer.
+        confidences: Each text's confidence from its token log-probabilities (when the run uses
+            them: ``select="confidence"`` or ``keep_confident``).
+        kept: Indices of the texts passed on (to the next layer or the final selection) when
+            ``keep_confident`` dropped the least confident ones; ``None``: all were.
+        waves: Sizes of the waves the proposals were sampled in (``adaptive_width``).
+        stop_probability: The adaptive-width rule's probability that the leading answer is the
+            majority answer, after the last wave.
+        agreement: Fraction of the texts stating the majority answer (``early_exit``).
+        stopped_early: The run finalizes after this layer: its answers agreed (``early_exit``).
+        saved_calls: Generation calls not made thanks to this layer: proposals the adaptive width
+            did not sample, plus every call of the layers an early exit skipped.
+        checks: For code: per text, what running it on the question's examples showed (the
+            notes the aggregator was given with ``code_checks``).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -54,6 +67,14 @@ class LayerEvent(BaseModel):
     proposal_budget: int | None = None
     failures: list[str] = []
     elapsed_s: float = 0.0
+    confidences: list[float] | None = None
+    kept: list[int] | None = None
+    waves: list[int] = []
+    stop_probability: float | None = None
+    agreement: float | None = None
+    stopped_early: bool = False
+    saved_calls: int = Field(0, ge=0)
+    checks: list[str] | None = None
 
     @property
     def calls(self) -> int:
@@ -62,7 +83,13 @@ class LayerEvent(BaseModel):
 
 
 class Usage(BaseModel):
-    """Compute spent on one question."""
+    """Compute spent on one question.
+
+    ``selector_calls`` are calls outside the layers (universal self-consistency's pick, the
+    model's test inputs for code checks); their tokens are in the totals. ``saved_calls`` are the
+    calls adaptive width and early exit did not make, and ``stopped_after`` the layer after which
+    an early exit finalized (``None``: the run went through every layer).
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -70,6 +97,9 @@ class Usage(BaseModel):
     proposer_calls: int = 0
     aggregator_calls: int = 0
     failed_calls: int = 0
+    selector_calls: int = 0
+    saved_calls: int = 0
+    stopped_after: int | None = None
 
     @classmethod
     def from_layers(cls, layers: list[LayerEvent]) -> Usage:
@@ -83,7 +113,17 @@ class Usage(BaseModel):
                 usage.proposer_calls += ev.calls
             else:
                 usage.aggregator_calls += ev.calls
+            usage.saved_calls += ev.saved_calls
+            if ev.stopped_early:
+                usage.stopped_after = ev.layer
         return usage
+
+    def add_call(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """Count one selector call (outside the layers)."""
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        self.calls += 1
+        self.selector_calls += 1
 
 
 async def emit_layer(event: LayerEvent) -> None:

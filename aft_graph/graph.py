@@ -18,7 +18,14 @@ Topology (every strategy shares it, so comparisons are like for like)::
 - ``collect_layer`` is the layer barrier: it orders the layer's texts, emits a
   :class:`~aft_graph.events.LayerEvent`, and replaces the population with the new texts
   (``Overwrite``). Its conditional edge fans out the next layer or goes to ``finalize``.
-- ``finalize`` picks the answer (last / majority / reward) and appends it as an AI message.
+- ``finalize`` picks the answer (last / majority / reward / confidence / usc / behaviour) and
+  appends it as an AI message.
+
+Adaptive compute (decided in :mod:`aft_graph.adaptive`): with ``adaptive_width`` the proposals
+come in waves, ``collect_layer`` sending the next wave of ``propose`` calls into the same layer
+until the stopping rule is sure; with ``early_exit`` a layer whose answers agree goes straight to
+``finalize``. Selector calls outside the layers (USC's pick, the model's test inputs for code) are
+guarded like every other call and counted in ``usage``.
 
 With a checkpointer every super-step is saved, so a run interrupted in layer l + 1 resumes there
 without regenerating finished layers (or finished calls of the interrupted layer).
@@ -34,7 +41,6 @@ thread retries exactly them once the cause is fixed.
 
 from __future__ import annotations
 
-import inspect
 import operator
 import random
 import time
@@ -51,7 +57,8 @@ from langgraph.runtime import Runtime
 from langgraph.types import Overwrite, RetryPolicy, Send
 from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12 (JSON schemas)
 
-from .answers import extract_answer, majority_vote
+from .adaptive import AdaptivePolicy
+from .answers import extract_answer
 from .backends.base import (
     Backend,
     BackendUnavailableError,
@@ -77,6 +84,7 @@ RewardFn = Callable[[str, str], float | Awaitable[float]]
 """``reward_fn(question, text) -> score`` (sync or async); higher is better."""
 
 _MIN_PROPOSAL_BUDGET = 16  # below this an aggregation prompt carries too little to be useful
+_NOTE_TOKENS = 48  # a code-check note appended to a proposal (about 30 words)
 
 
 @dataclass
@@ -105,11 +113,17 @@ class InputState(TypedDict, total=False):
 
 
 class OutputState(TypedDict, total=False):
-    """Graph output."""
+    """Graph output.
+
+    ``selection`` says how the answer was picked: the rule (``last``, ``majority``,
+    ``confidence``, ``usc``, ``behaviour``... or a named fallback), the index of the chosen text
+    among the texts selected from, and the rule's details.
+    """
 
     answer: str
     layers: list[dict[str, Any]]
     usage: dict[str, int]
+    selection: dict[str, Any]
     messages: Annotated[list[AnyMessage], add_messages]
 
 
@@ -122,6 +136,16 @@ class _State(InputState, OutputState, total=False):
     budget: int
     started: float
     retry: list[dict[str, Any]]  # failed calls of a layer below min_survivors, to try once more
+    # Adaptive compute and selection (aft_graph.adaptive): the population's indices into the last
+    # layer's texts and their confidences; the next wave of proposals to send; after an early
+    # exit, the agreed text; code-check notes; the model's test inputs; selector-call usage.
+    population_ids: list[int]
+    confidences: list[float | None]
+    wave: list[int]
+    early_choice: int | None
+    notes: list[str] | None
+    test_calls: list[str] | None
+    extra_usage: list[dict[str, int]]
 
 
 class _Task(TypedDict, total=False):
@@ -132,6 +156,11 @@ class _Task(TypedDict, total=False):
     texts: list[str]
     budget: int
     must_succeed: dict[str, Any]  # set on the last try of a layer below its minimum
+    notes: list[str] | None  # code-check notes on the texts, appended after truncation
+
+
+def _usage_of(completion: Any) -> dict[str, int]:
+    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens}
 
 
 def _question_of(state: _State) -> str:
@@ -194,6 +223,7 @@ def build_graph(
         )
     depth = config.depth
     template = config.resolved_template
+    policy = AdaptivePolicy(config, backend)  # refuses confidence modes without log-probabilities
     clock = RunClock()
 
     def layer_kind(layer: int) -> str:
@@ -221,7 +251,15 @@ def build_graph(
     def node_of(layer: int) -> str:
         return "propose" if layer == 0 else "aggregate"
 
-    def sends(question: str, layer: int, population: list[str], budget: int) -> list[Send]:
+    def sends(
+        question: str,
+        layer: int,
+        population: list[str],
+        budget: int,
+        ids: list[int] | None = None,
+        notes: list[str] | None = None,
+    ) -> list[Send]:
+        ids = ids if ids is not None else list(range(len(population)))
         return [
             Send(
                 node_of(layer),
@@ -229,13 +267,41 @@ def build_graph(
                     question=question,
                     layer=layer,
                     index=i,
-                    sources=src,
+                    # Sources index the previous layer's texts, also when some were dropped.
+                    sources=[ids[j] for j in src],
                     texts=[population[j] for j in src],
                     budget=budget,
+                    notes=None if notes is None else [notes[j] for j in src],
                 ),
             )
             for i, src in enumerate(plan_layer(layer, len(population)))
         ]
+
+    def wave_sends(question: str, indices: list[int]) -> list[Send]:
+        """Proposal calls ``indices`` (a wave of ``adaptive_width``, or all of them)."""
+        return [
+            Send("propose", _Task(question=question, layer=0, index=i, sources=[], texts=[], budget=0))
+            for i in indices
+        ]
+
+    def selector_call(runtime: Runtime[AggregateContext]):
+        """A guarded call outside the layers (USC's pick, the model's test inputs)."""
+
+        async def call(request: GenerationRequest) -> Any:
+            deadline = None
+            if config.run_timeout_s is not None:
+                deadline = clock.started(runtime.stream_writer) + config.run_timeout_s
+            # Not retried by a node's RetryPolicy: this is its last attempt.
+            return await guarded_generate(
+                backend,
+                request,
+                timeout_s=config.call_timeout_s,
+                deadline=deadline,
+                attempt=config.max_retries,
+                attempts=config.max_retries,
+            )
+
+        return call
 
     def prepare(state: _State) -> dict[str, Any]:
         question = _question_of(state)
@@ -262,6 +328,8 @@ def build_graph(
                 - 8 * sources_per_call()  # joins between proposals may tokenize differently
             )
             budget = room // sources_per_call()
+            if config.code_checks:
+                budget -= _NOTE_TOKENS  # room for the note on what running each proposal showed
             if config.proposal_token_budget is not None:
                 budget = min(budget, config.proposal_token_budget)
             if budget < _MIN_PROPOSAL_BUDGET:
@@ -281,10 +349,15 @@ def build_graph(
             "layers": Overwrite([]),
             "started": time.monotonic(),
             "retry": [],
+            "wave": [],
+            "early_choice": None,
+            "notes": None,
+            "test_calls": None,
+            "extra_usage": [],
         }
 
     def start_layer0(state: _State) -> list[Send]:
-        return sends(state["asked"], 0, [], state["budget"])
+        return wave_sends(state["asked"], list(range(policy.first_wave())))
 
     async def generate(task: _Task, runtime: Runtime[AggregateContext]) -> dict[str, Any]:
         layer, index = task["layer"], task["index"]
@@ -313,7 +386,7 @@ def build_graph(
                 stall = task["must_succeed"]
                 raise layer_failed(stall, f"call {index}: {failure.cause}", failure) from failure
             return {"pending": [{**record, "error": failure.cause}]}
-        return {"pending": [{**record, **completion.model_dump(), "error": None}]}
+        return {"pending": [{**record, **policy.record(completion), "error": None}]}
 
     def build_request(
         task: _Task, ctx: AggregateContext, record: dict[str, Any]
@@ -322,7 +395,9 @@ def build_graph(
         try:
             if layer == 0:
                 messages = proposal_messages(task["question"], system=config.proposal_system)
-                sampling = config.proposer.to_sampling(derive_seed(config.seed, layer, index))
+                sampling = config.proposer.to_sampling(
+                    derive_seed(config.seed, layer, index), logprobs=policy.logprobs
+                )
                 lora = ctx.lora
             else:
                 fitted = []
@@ -330,8 +405,12 @@ def build_graph(
                     cut = backend.truncate(text, task["budget"])
                     record["truncated"] += cut != text
                     fitted.append(cut)
+                if task.get("notes"):
+                    fitted = [f"{t}\n\n[{n}]" for t, n in zip(fitted, task["notes"], strict=True)]
                 messages = aggregation_messages(task["question"], fitted, template)
-                sampling = config.aggregator.to_sampling(derive_seed(config.seed, layer, index))
+                sampling = config.aggregator.to_sampling(
+                    derive_seed(config.seed, layer, index), logprobs=policy.logprobs
+                )
                 lora = ctx.aggregator_lora or ctx.lora
             return GenerationRequest(messages=tuple(messages), sampling=sampling, lora=lora)
         except Exception as exc:  # noqa: BLE001 - e.g. a custom backend's truncate
@@ -352,7 +431,7 @@ def build_graph(
             stall["layer"], stall["succeeded"], stall["calls"], stall["needed"], causes, hint
         )
 
-    async def collect_layer(state: _State) -> dict[str, Any]:
+    async def collect_layer(state: _State, runtime: Runtime[AggregateContext]) -> dict[str, Any]:
         layer = state["layer"]
         done = sorted(state.get("pending") or [], key=lambda r: r["index"])
         ok = [r for r in done if r["error"] is None]
@@ -376,11 +455,36 @@ def build_graph(
                 "retry": [{**r, "must_succeed": stall} for r in failed],
             }
         texts = [r["text"] for r in ok]
+        answers = [extract_answer(t, config.answer_format) for t in texts]
+        saved, waves, probability = 0, [], None
+        if layer == 0 and config.adaptive_width:
+            more, probability = policy.next_wave(answers, len(done))
+            if more:  # not sure yet: sample the next wave into the same layer
+                return {"wave": list(range(len(done), len(done) + more)), "retry": []}
+            waves = policy.waves_of(len(done))
+            saved = config.initial_count - len(done)
+        confidences = [r.get("confidence") for r in ok] if policy.logprobs else None
+        decision = policy.close_layer(layer, depth, answers, confidences)
+        kept = decision.kept if decision.kept is not None else list(range(len(texts)))
+        if decision.stopped_early:
+            saved += sum(len(plan_layer(later, len(kept))) for later in range(layer + 1, depth + 1))
+        extra: dict[str, Any] = {}
+        checks = None
+        if config.code_checks and layer < depth and not decision.stopped_early:
+            test_calls = state.get("test_calls")
+            if test_calls is None:
+                test_calls, completion = await policy.test_inputs(
+                    state["asked"], selector_call(runtime)
+                )
+                extra["test_calls"] = test_calls
+                if completion is not None:
+                    extra["extra_usage"] = [*state.get("extra_usage", []), _usage_of(completion)]
+            checks = await policy.code_notes(state["asked"], texts, test_calls)
         event = LayerEvent(
             layer=layer,
             kind=layer_kind(layer),
             texts=texts,
-            answers=[extract_answer(t, config.answer_format) for t in texts],
+            answers=answers,
             sources=[r["sources"] for r in ok],
             prompt_tokens=[r["prompt_tokens"] for r in ok],
             completion_tokens=[r["completion_tokens"] for r in ok],
@@ -389,13 +493,27 @@ def build_graph(
             proposal_budget=state["budget"] if layer > 0 else None,
             failures=failures,
             elapsed_s=round(time.monotonic() - state.get("started", time.monotonic()), 3),
+            confidences=confidences,
+            kept=decision.kept,
+            waves=waves,
+            stop_probability=probability,
+            agreement=decision.agreement,
+            stopped_early=decision.stopped_early,
+            saved_calls=saved,
+            checks=checks,
         )
         await emit_layer(event)
         return {
-            "population": texts,
+            **extra,
+            "population": [texts[i] for i in kept],
+            "population_ids": kept,
+            "confidences": [confidences[i] for i in kept] if confidences is not None else [],
+            "notes": None if checks is None else [checks[i] for i in kept],
             "pending": Overwrite([]),
             "layers": [event.model_dump()],
-            "layer": layer + 1,
+            "layer": depth + 1 if decision.stopped_early else layer + 1,
+            "early_choice": decision.choice if decision.stopped_early else None,
+            "wave": [],
             "started": time.monotonic(),
             "retry": [],
         }
@@ -403,6 +521,11 @@ def build_graph(
     def next_layer(state: _State) -> list[Send] | str:
         if state.get("retry"):
             layer = state["layer"]
+            # Sources name texts of the previous layer; find them in the population (which
+            # keep_confident may have thinned).
+            ids = state.get("population_ids") or list(range(len(state["population"])))
+            position = {source: j for j, source in enumerate(ids)}
+            notes = state.get("notes")
             return [
                 Send(
                     node_of(layer),
@@ -411,34 +534,54 @@ def build_graph(
                         layer=layer,
                         index=r["index"],
                         sources=r["sources"],
-                        texts=[state["population"][j] for j in r["sources"]],
+                        texts=[state["population"][position[s]] for s in r["sources"]],
                         budget=state["budget"],
+                        notes=None if notes is None else [notes[position[s]] for s in r["sources"]],
                         must_succeed=r["must_succeed"],
                     ),
                 )
                 for r in state["retry"]
             ]
+        if state.get("wave"):
+            return wave_sends(state["asked"], state["wave"])
         if state["layer"] > depth:
             return "finalize"
-        return sends(state["asked"], state["layer"], state["population"], state["budget"])
+        return sends(
+            state["asked"],
+            state["layer"],
+            state["population"],
+            state["budget"],
+            state.get("population_ids"),
+            state.get("notes"),
+        )
 
-    async def finalize(state: _State) -> dict[str, Any]:
+    async def finalize(state: _State, runtime: Runtime[AggregateContext]) -> dict[str, Any]:
         texts = state["population"]
-        rule = config.resolved_select
-        choice = 0
-        if rule == "majority":
-            vote = majority_vote([extract_answer(t, config.answer_format) for t in texts])
-            choice = vote.index if vote.index is not None else 0
-        elif rule == "reward":
-            scores = []
-            for text in texts:
-                score = reward_fn(state["asked"], text)  # type: ignore[misc]
-                scores.append(await score if inspect.isawaitable(score) else score)
-            choice = max(range(len(texts)), key=scores.__getitem__)
-        layers = [LayerEvent.model_validate(d) for d in state["layers"]]
+        call = selector_call(runtime)
+        test_calls = state.get("test_calls")
+        extra_usage = list(state.get("extra_usage") or [])
+        if config.resolved_select == "behaviour" and test_calls is None:
+            test_calls, completion = await policy.test_inputs(state["asked"], call)
+            if completion is not None:
+                extra_usage.append(_usage_of(completion))
+        selection = await policy.select(
+            state["asked"],
+            texts,
+            [extract_answer(t, config.answer_format) for t in texts],
+            state.get("confidences") or None,
+            call=call,
+            reward_fn=reward_fn,
+            test_calls=test_calls or (),
+            early_choice=state.get("early_choice"),
+        )
+        choice = selection.index
+        usage = Usage.from_layers([LayerEvent.model_validate(d) for d in state["layers"]])
+        for u in [*extra_usage, *map(_usage_of, selection.calls)]:
+            usage.add_call(u["prompt_tokens"], u["completion_tokens"])
         return {
             "answer": texts[choice],
-            "usage": Usage.from_layers(layers).model_dump(),
+            "usage": usage.model_dump(),
+            "selection": {"index": choice, "rule": selection.rule, **selection.detail},
             "messages": [AIMessage(content=texts[choice], name=name)],
         }
 

@@ -296,7 +296,7 @@ class _FakeServer:
     every request body.
     """
 
-    def __init__(self, *, vllm: bool = True, max_model_len: int = 512) -> None:
+    def __init__(self, *, vllm: bool = True, max_model_len: int = 512, logprobs: bool = True) -> None:
         self.requests: list[tuple[str, dict[str, Any]]] = []
         server = self
 
@@ -337,6 +337,18 @@ class _FakeServer:
                         choice["text"] = text
                     if body.get("return_token_ids"):
                         choice["token_ids"] = list(range(10 * (i + 1)))
+                    if body.get("logprobs") is not None and logprobs:
+                        values = [-0.5 * (i + 1)] * len(text.split())
+                        if is_chat:  # chat: one entry per token, sampled token first
+                            choice["logprobs"] = {"content": [
+                                {"token": w, "logprob": v, "bytes": None, "top_logprobs": []}
+                                for w, v in zip(text.split(), values, strict=True)
+                            ]}  # fmt: skip
+                        else:
+                            choice["logprobs"] = {
+                                "tokens": text.split(), "token_logprobs": values,
+                                "top_logprobs": None, "text_offset": [0] * len(values),
+                            }  # fmt: skip
                     choices.append(choice)
                 self._send(200, {
                     "id": "x", "object": "chat.completion" if is_chat else "text_completion",
@@ -496,3 +508,55 @@ def test_first_prefix_binary_search():
     assert _first_prefix(10, lambda k: k >= 4) == 4
     assert _first_prefix(10, lambda k: True) == 1
     assert _first_prefix(1, lambda k: True) == 1
+
+
+# ------------------------------------------------------------------ token log-probabilities
+
+
+class TestLogprobs:
+    async def test_scripted_default_function_and_engine_without(self):
+        backend = ScriptedBackend(["a b c", "d e"])
+        (plain,) = await backend.generate(chat())
+        assert plain.token_logprobs is None and plain.mean_logprob is None
+        (first,) = await backend.generate(chat(logprobs=True))
+        assert len(first.token_logprobs) == 2 and -2.0 <= first.mean_logprob < 0  # "d e"
+        per_word = ScriptedBackend(["x y z"], logprobs=lambda req, i, text: [-1.0, -2.0, -3.0])
+        (c,) = await per_word.generate(chat(logprobs=True, max_tokens=2))
+        assert c.token_logprobs == (-1.0, -2.0) and c.mean_logprob == -1.5  # cut with the text
+        none = ScriptedBackend(["x"], logprobs=False)
+        assert not none.supports_logprobs and per_word.supports_logprobs
+        with pytest.raises(BackendError, match="without log-probabilities"):
+            await none.generate(chat(logprobs=True))
+
+    async def test_chat_model_backend_refuses_clearly(self):
+        backend = ChatModelBackend(FakeListChatModel(responses=["hi"]))
+        assert not backend.supports_logprobs
+        with pytest.raises(BackendError, match="log-probabilities.*VLLMBackend"):
+            await backend.generate(chat(logprobs=True))
+
+    async def test_openai_chat_and_completions(self, fake_server):
+        server = fake_server()
+        backend = OpenAIBackend(server.url)
+        out = await backend.generate(chat(n=2, logprobs=True))
+        assert server.requests[-1][1]["logprobs"] is True
+        assert [c.token_logprobs for c in out] == [(-0.5,), (-1.0, -1.0)]
+        raw = await backend.generate(GenerationRequest(prompt="Once", sampling=Sampling(logprobs=True)))
+        assert server.requests[-1][1]["logprobs"] == 0  # completions API: sampled token only
+        assert raw[0].token_logprobs == (-0.5,)
+        (plain,) = await backend.generate(chat())
+        assert "logprobs" not in server.requests[-1][1] and plain.token_logprobs is None
+        await backend.aclose()
+
+    async def test_openai_server_without_logprobs(self, fake_server):
+        server = fake_server(logprobs=False)
+        backend = OpenAIBackend(server.url)
+        with pytest.raises(BackendError, match="returned no log-probabilities"):
+            await backend.generate(chat(logprobs=True))
+        await backend.aclose()
+
+    def test_supports_logprobs_helper(self):
+        from aft_graph.backends.base import supports_logprobs
+
+        assert supports_logprobs(ScriptedBackend())
+        assert not supports_logprobs(ScriptedBackend(logprobs=False))
+        assert not supports_logprobs(object())  # a third-party backend that does not say

@@ -65,10 +65,21 @@ def test_run_passes_engine_options(backend):
     assert aggregations and {c.lora for c in aggregations} == {"runs/aft/adapter"}
 
 
+def test_run_early_exit_and_selection(backend):
+    result = _invoke("run", "q?", "-k", "4", "-l", "2", "--early-exit", "--select", "majority")
+    assert result.exit_code == 0, result.output
+    # The four drafts all answer 5: no aggregation call.
+    printed = " ".join(result.stdout.split())  # rich wraps long lines
+    assert "4 calls (4 proposer, 0 aggregator)" in printed and "8 calls saved" in printed
+    out = json.loads(_invoke("run", "q?", "-k", "8", "--adaptive-width", "--json").stdout)
+    assert out["layers"][0]["waves"] == [2, 2] and out["selection"]["rule"] == "last"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["run", "   "], "the question is empty"),
+        (["run", "q?", "--select", "vibes"], "invalid configuration"),
         (["run", "q?", "--proposals", "0"], "invalid configuration"),
         (["run", "q?", "--strategy", "best_of_n"], "needs a reward function"),
     ],

@@ -16,6 +16,7 @@ from .base import (
     GenerationRequest,
     PromptTooLongError,
     Sampling,
+    supports_logprobs,
 )
 from .fake import ScriptedBackend
 
@@ -38,6 +39,7 @@ __all__ = [
     "Sampling",
     "ScriptedBackend",
     "VLLMBackend",
+    "supports_logprobs",
 ]
 
 _LAZY = {

@@ -22,6 +22,7 @@ __all__ = [
     "PromptTooLongError",
     "Sampling",
     "derive_seed",
+    "supports_logprobs",
 ]
 
 Message = dict[str, str]
@@ -50,6 +51,8 @@ class Sampling(BaseModel):
         max_tokens: Upper bound on new tokens per completion (>= 1).
         stop: Strings that end a completion (not included in the text).
         seed: Per-request seed; the same seed gives the same completions on the same engine.
+        logprobs: Return each generated token's log-probability (``Completion.token_logprobs``),
+            for confidence-based selection; engines without them raise ``BackendError``.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -61,6 +64,7 @@ class Sampling(BaseModel):
     max_tokens: int = Field(256, description="Maximum new tokens per completion (>= 1).")
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: bool = False
 
     @field_validator("n")
     @classmethod
@@ -126,6 +130,18 @@ class Completion(BaseModel):
     # Prompt tokens the engine took from its prefix cache instead of computing (vLLM reports it;
     # 0 where the engine does not say). prompt_tokens - cached_prompt_tokens were prefilled.
     cached_prompt_tokens: int = Field(0, ge=0)
+    # Log-probability of each generated token under the model (before temperature / top-p), when
+    # the request asked for them (Sampling.logprobs) and the engine has them; None otherwise.
+    token_logprobs: tuple[float, ...] | None = None
+
+    @property
+    def mean_logprob(self) -> float | None:
+        """Mean log-probability of the generated tokens (``None`` without log-probabilities)."""
+        if self.token_logprobs is None:
+            return None
+        if not self.token_logprobs:
+            return float("-inf")
+        return sum(self.token_logprobs) / len(self.token_logprobs)
 
 
 @runtime_checkable
@@ -160,6 +176,14 @@ class Backend(Protocol):
     async def aclose(self) -> None:
         """Release the engine (processes, sockets, memory)."""
         ...
+
+
+def supports_logprobs(backend: object) -> bool:
+    """Whether ``backend`` returns token log-probabilities when ``Sampling.logprobs`` is set.
+
+    Backends say so with a ``supports_logprobs`` attribute; one without it is assumed not to.
+    """
+    return bool(getattr(backend, "supports_logprobs", False))
 
 
 def derive_seed(base: int | None, *parts: object) -> int | None:

@@ -57,6 +57,8 @@ class ChatModelBackend:
     ``VLLMBackend``, ``OpenAIBackend`` (``vllm serve --lora-modules``) or ``HFBackend``.
     """
 
+    supports_logprobs = False  # LangChain chat models expose them unevenly
+
     def __init__(self, chat_model: Any, *, context_window: int = 8192) -> None:
         from langchain_core.language_models import BaseChatModel
 
@@ -123,6 +125,12 @@ class ChatModelBackend:
         ]
 
     async def generate(self, request: GenerationRequest) -> list[Completion]:
+        if request.sampling.logprobs:
+            raise BackendError(
+                "ChatModelBackend does not return token log-probabilities (LangChain chat models "
+                "expose them unevenly): use VLLMBackend, OpenAIBackend or HFBackend for "
+                "confidence-based selection, or choose select='majority'/'usc'"
+            )
         if request.lora is not None:
             raise BackendError(
                 "ChatModelBackend cannot apply LoRA adapters: serve the adapter with vLLM "

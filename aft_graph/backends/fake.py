@@ -9,12 +9,28 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Callable, Sequence
+from typing import Literal
 
-from .base import BackendUnavailableError, Completion, GenerationRequest, check_fits, cut_at_stop
+from .base import (
+    BackendError,
+    BackendUnavailableError,
+    Completion,
+    GenerationRequest,
+    check_fits,
+    cut_at_stop,
+)
 
 __all__ = ["ScriptedBackend"]
 
 Responder = Callable[[GenerationRequest, int], str]
+LogprobFn = Callable[[GenerationRequest, int, str], "float | Sequence[float]"]
+"""``(request, sample_index, text) -> one value for every token, or one per token``."""
+
+
+def _default_logprobs(request: GenerationRequest, sample: int, text: str) -> float:
+    """A reproducible per-text confidence in [-2, 0), the same for the same text."""
+    value = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=2).digest(), "little")
+    return -2.0 * (value + 1) / 65536
 
 
 def _default_responder(request: GenerationRequest, sample: int) -> str:
@@ -37,6 +53,10 @@ class ScriptedBackend:
         delay: Seconds each call sleeps, to let concurrency show in tests.
         fail: Optional predicate; a request for which it is true raises
             ``BackendUnavailableError`` (to test retries, failures and resume).
+        logprobs: Token log-probabilities returned when a request asks for them
+            (``Sampling.logprobs``): ``None`` (a reproducible value per text), a function
+            ``(request, sample_index, text) -> value or one value per word``, or ``False`` to play
+            an engine that has none (such requests raise ``BackendError``).
 
     Attributes:
         calls: Every request received, in order of arrival.
@@ -49,6 +69,7 @@ class ScriptedBackend:
         context_window: int = 4096,
         delay: float = 0.0,
         fail: Callable[[GenerationRequest], bool] | None = None,
+        logprobs: LogprobFn | Literal[False] | None = None,
     ) -> None:
         if responses is None:
             self._responder: Responder = _default_responder
@@ -63,6 +84,10 @@ class ScriptedBackend:
         self._context_window = context_window
         self.delay = delay
         self.fail = fail
+        self.supports_logprobs = logprobs is not False
+        self._logprobs: LogprobFn | None = (
+            None if logprobs is False else logprobs or _default_logprobs
+        )
         self.calls: list[GenerationRequest] = []
         self.closed = False
 
@@ -87,6 +112,8 @@ class ScriptedBackend:
 
     async def generate(self, request: GenerationRequest) -> list[Completion]:
         self.calls.append(request)
+        if request.sampling.logprobs and self._logprobs is None:
+            raise BackendError("this ScriptedBackend plays an engine without log-probabilities")
         prompt_tokens = self.count_prompt_tokens(request)
         max_tokens = check_fits(prompt_tokens, request.sampling, self.context_window)
         if self.delay:
@@ -100,12 +127,19 @@ class ScriptedBackend:
             finish = "stop"
             if len(words) > max_tokens:
                 text, finish = " ".join(words[:max_tokens]), "length"
+            tokens = min(len(words), max_tokens)
+            token_logprobs = None
+            if request.sampling.logprobs and self._logprobs is not None:
+                value = self._logprobs(request, i, text)
+                values = [float(value)] * tokens if isinstance(value, int | float) else list(value)
+                token_logprobs = tuple(values[:tokens])
             out.append(
                 Completion(
                     text=text,
                     prompt_tokens=prompt_tokens,
-                    completion_tokens=min(len(words), max_tokens),
+                    completion_tokens=tokens,
                     finish_reason=finish if not stopped else "stop",
+                    token_logprobs=token_logprobs,
                 )
             )
         return out

@@ -42,7 +42,7 @@ __all__ = ["HFBackend"]
 
 # Sampling fields that must match for requests to share one `model.generate` call (seed excluded:
 # the batch has one generator) plus the clamped token budget and the adapter.
-_GroupKey = tuple[int, float, float, int, int, tuple[str, ...], str | None]
+_GroupKey = tuple[int, float, float, int, int, tuple[str, ...], str | None, bool]
 
 
 @dataclass
@@ -57,7 +57,10 @@ class _Pending:
     @property
     def key(self) -> _GroupKey:
         s = self.request.sampling
-        return (s.n, s.temperature, s.top_p, s.top_k or 0, self.max_tokens, s.stop, self.request.lora)
+        return (
+            s.n, s.temperature, s.top_p, s.top_k or 0, self.max_tokens, s.stop, self.request.lora,
+            s.logprobs,
+        )  # fmt: skip
 
 
 class HFBackend(TokenizerMixin):
@@ -82,6 +85,8 @@ class HFBackend(TokenizerMixin):
         ModelNotFoundError: the model path does not exist or is not a model directory.
         FileNotFoundError: an adapter directory has no ``adapter_config.json``.
     """
+
+    supports_logprobs = True
 
     def __init__(
         self,
@@ -250,8 +255,8 @@ class HFBackend(TokenizerMixin):
     async def _run(self, batch: list[_Pending]) -> None:
         try:
             stopping = self._stopping_criteria(batch[0].request.sampling.stop)
-            rows = await asyncio.to_thread(self._generate_batch, batch, stopping)
-            results = self._completions(batch, rows)
+            rows, logprobs = await asyncio.to_thread(self._generate_batch, batch, stopping)
+            results = self._completions(batch, rows, logprobs)
         except asyncio.CancelledError:
             for p in batch:
                 if not p.future.done():
@@ -276,10 +281,14 @@ class HFBackend(TokenizerMixin):
 
         return StoppingCriteriaList([StopStringCriteria(self.tokenizer, list(stop))])
 
-    def _generate_batch(self, batch: list[_Pending], stopping: Any) -> list[list[int]]:
+    def _generate_batch(
+        self, batch: list[_Pending], stopping: Any
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
         """Run one left-padded ``model.generate``; return the new tokens of every sequence.
 
-        Rows come back grouped per request: request i's j-th sample is row ``i * n + j``.
+        Rows come back grouped per request: request i's j-th sample is row ``i * n + j``. With
+        ``Sampling.logprobs`` each row's token log-probabilities come back too, computed from the
+        raw logits (before temperature / top-p, as vLLM's default ``raw_logprobs``).
         """
         import torch
         from transformers import GenerationConfig
@@ -300,6 +309,9 @@ class HFBackend(TokenizerMixin):
             repetition_penalty=1.0,
             num_beams=1,
         )
+        want_logprobs = sampling.logprobs
+        if want_logprobs:
+            config.update(return_dict_in_generate=True, output_logits=True)
         if greedy:
             # Greedy samples are identical: decode once per request and copy (transformers also
             # refuses num_return_sequences > 1 without sampling).
@@ -325,18 +337,37 @@ class HFBackend(TokenizerMixin):
                     generation_config=GenerationConfig(**config),
                     stopping_criteria=stopping,
                 )
+        logprobs = None
+        if want_logprobs:
+            new = out.sequences[:, width:]
+            # One step at a time: a (rows, steps, vocab) tensor would be large for long outputs.
+            steps = [
+                torch.log_softmax(logits.float(), dim=-1).gather(1, new[:, t : t + 1]).squeeze(1)
+                for t, logits in enumerate(out.logits)
+            ]
+            logprobs = torch.stack(steps, dim=1).tolist()
+            out = out.sequences
         rows = out[:, width:].tolist()
         if greedy and n > 1:
             rows = [row for row in rows for _ in range(n)]
-        return rows
+            logprobs = None if logprobs is None else [lp for lp in logprobs for _ in range(n)]
+        return rows, logprobs
 
-    def _completions(self, batch: list[_Pending], rows: list[list[int]]) -> list[list[Completion]]:
+    def _completions(
+        self, batch: list[_Pending], rows: list[list[int]], logprobs: list[list[float]] | None = None
+    ) -> list[list[Completion]]:
         n = batch[0].request.sampling.n
         return [
-            [self._completion(p, rows[i * n + j]) for j in range(n)] for i, p in enumerate(batch)
+            [
+                self._completion(p, rows[i * n + j], None if logprobs is None else logprobs[i * n + j])
+                for j in range(n)
+            ]
+            for i, p in enumerate(batch)
         ]
 
-    def _completion(self, pending: _Pending, row: list[int]) -> Completion:
+    def _completion(
+        self, pending: _Pending, row: list[int], logprobs: list[float] | None = None
+    ) -> Completion:
         """Text, exact token count and finish reason of one generated row.
 
         After a sequence ends, transformers fills its row with padding, which may be the eos id
@@ -358,7 +389,11 @@ class HFBackend(TokenizerMixin):
         else:
             used, finish = len(tokens), "length" if len(tokens) >= pending.max_tokens else "stop"
         return Completion(
-            text=text, prompt_tokens=len(pending.ids), completion_tokens=used, finish_reason=finish
+            text=text,
+            prompt_tokens=len(pending.ids),
+            completion_tokens=used,
+            finish_reason=finish,
+            token_logprobs=None if logprobs is None else tuple(logprobs[:used]),
         )
 
     # ---------------------------------------------------------------- lifecycle

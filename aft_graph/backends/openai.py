@@ -75,6 +75,9 @@ class OpenAIBackend(TokenizerMixin):
     ``vllm serve MODEL --enable-lora --lora-modules NAME=ADAPTER_DIR`` and request ``lora=NAME``.
     """
 
+    # Asked for per request; a server that has none makes that request fail with a clear error.
+    supports_logprobs = True
+
     def __init__(
         self,
         base_url: str | Sequence[str] = "http://127.0.0.1:8000/v1",
@@ -255,6 +258,9 @@ class OpenAIBackend(TokenizerMixin):
             kwargs["stop"] = list(s.stop)
         if s.seed is not None:
             kwargs["seed"] = s.seed
+        if s.logprobs:
+            # Chat: logprobs=True gives the sampled token's; completions: logprobs=0 does.
+            kwargs["logprobs"] = True if request.messages is not None else 0
         extra: dict[str, Any] = {}
         if s.top_k:
             extra["top_k"] = s.top_k
@@ -284,6 +290,7 @@ class OpenAIBackend(TokenizerMixin):
                 prompt_tokens=prompt_tokens,
                 completion_tokens=count,
                 finish_reason=c.finish_reason or "stop",
+                token_logprobs=_choice_logprobs(c, url_hint=self.base_urls[0]) if s.logprobs else None,
             )
             for c, text, count in zip(choices, texts, counts, strict=True)
         ]
@@ -379,6 +386,20 @@ def _load_tokenizer(name: str | os.PathLike[str]) -> Any:
             "server was started on), 'default' or 'small', or leave tokenizer=None to count "
             f"with the server's usage numbers ({exc})"
         ) from exc
+
+
+def _choice_logprobs(choice: Any, *, url_hint: str) -> tuple[float, ...]:
+    """Sampled-token log-probabilities of one choice (chat or completions response)."""
+    lp = getattr(choice, "logprobs", None)
+    if lp is not None and getattr(lp, "content", None) is not None:  # chat completions
+        return tuple(float(t.logprob) for t in lp.content)
+    if lp is not None and getattr(lp, "token_logprobs", None) is not None:  # completions
+        return tuple(float(v) for v in lp.token_logprobs if v is not None)
+    raise BackendError(
+        f"the server at {url_hint} returned no log-probabilities although they were asked for: "
+        "use a server that supports `logprobs` (vllm serve does) or a selection mode that does "
+        "not need them"
+    )
 
 
 def _error_message(exc: Any) -> str:

@@ -52,6 +52,8 @@ def vllm_sampling_params(sampling, max_tokens: int | None = None, *, final_only:
         max_tokens=max_tokens or sampling.max_tokens,
         stop=list(sampling.stop) or None,
         seed=sampling.seed,
+        # 0 = no alternatives, only the sampled token's log-probability.
+        logprobs=0 if sampling.logprobs else None,
     )
     if final_only:
         # Only the finished output is needed: skip streaming intermediate deltas to Python.
@@ -124,6 +126,16 @@ def apply_engine_env(env: dict[str, str]) -> None:
         os.environ.setdefault(key, value)
 
 
+def _sampled_logprobs(output: Any) -> tuple[float, ...] | None:
+    """The sampled token's log-probability at each position of a vLLM ``CompletionOutput``."""
+    if output.logprobs is None:
+        return None
+    return tuple(
+        float(position[token].logprob)
+        for position, token in zip(output.logprobs, output.token_ids, strict=False)
+    )
+
+
 class VLLMBackend(TokenizerMixin):
     """Generate with an in-process vLLM ``AsyncLLM``.
 
@@ -156,6 +168,8 @@ class VLLMBackend(TokenizerMixin):
 
     _open: weakref.WeakSet[VLLMBackend] = weakref.WeakSet()
     _exit_hook = False
+
+    supports_logprobs = True
 
     def __init__(
         self,
@@ -337,6 +351,7 @@ class VLLMBackend(TokenizerMixin):
                 completion_tokens=len(o.token_ids),
                 finish_reason=o.finish_reason or "stop",
                 cached_prompt_tokens=final.num_cached_tokens or 0,
+                token_logprobs=_sampled_logprobs(o) if request.sampling.logprobs else None,
             )
             for o in sorted(final.outputs, key=lambda o: o.index)
         ]

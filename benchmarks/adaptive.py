@@ -1,0 +1,233 @@
+"""Adaptive compute and smarter selection, measured (issue 15): what early exit, adaptive width,
+confidence-weighted voting, universal self-consistency and behaviour-based code selection cost and
+give, each against the same strategy without it, on the same questions and samples.
+
+Two suites, each one resumable evaluation run (``aft_graph.eval.evaluate``; seeded requests
+shared between strategies, so a variant and its full run see the same proposals)::
+
+    # reasoning-gym held-out questions: AFT, RSA, self-consistency vs their adaptive variants
+    AFT_GRAPH_CACHE=~/.cache/aft-graph .venv/bin/python benchmarks/adaptive.py reasoning \\
+        --suite rg-mix:easy_arithmetic --n 60 --max-tokens 320
+
+    # HumanEval at 6 calls: text vote vs behaviour vote, AFT with and without code checks
+    AFT_GRAPH_CACHE=~/.cache/aft-graph .venv/bin/python benchmarks/adaptive.py code --n 24
+
+    # the tables again, from the records (also written to docs/adaptive.md)
+    .venv/bin/python benchmarks/adaptive.py report
+
+Every row pairs a variant with its full run: accuracy of both, the paired difference with a 95%
+bootstrap interval over questions, and the mean prompt and generated tokens of both with their
+ratio (the issue's bar: early exit >= 30% fewer total tokens, accuracy inside the interval).
+Confidence-weighted voting is compared with the plain vote *on the same samples*: the plain vote is
+the majority of the confidence run's own proposals (layer 0), so the comparison costs no extra
+generation. ``--base-url http://HOST:PORT/v1`` runs against a ``vllm serve`` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from aft_graph.eval import (  # noqa: E402
+    bootstrap_interval,
+    evaluate,
+    load_records,
+    parse_strategies,
+    question_metrics,
+    wilson_interval,
+)
+from aft_graph.tasks import load_suite  # noqa: E402
+
+RUNS = ROOT / "runs" / "adaptive"
+DOC = ROOT / "docs" / "adaptive.md"
+
+# name -> strategy spec (evaluate.parse_strategies syntax); pairs: (variant, full run).
+REASONING = {
+    "aft": "aft:K=4,L=2",
+    "aft+exit": "aft:K=4,L=2,early_exit=true",
+    "aft+waves+exit": "aft:K=4,L=2,adaptive_width=true,early_exit=true",
+    "rsa": "rsa:N=4,K=2,T=2",
+    "rsa+exit": "rsa:N=4,K=2,T=2,early_exit=true",
+    "sc": "sc:K=8",
+    "sc+waves": "sc:K=8,adaptive_width=true",
+    "sc+confidence": "sc:K=8,select=confidence",
+    "sc+drop-half": "sc:K=8,select=confidence,keep_confident=0.5",
+    "sc+usc": "sc:K=8,select=usc",
+    "aft+drop-half": "aft:K=4,L=2,keep_confident=0.5",
+}
+REASONING_PAIRS = [
+    ("aft+exit", "aft"),
+    ("aft+waves+exit", "aft"),
+    ("rsa+exit", "rsa"),
+    ("sc+waves", "sc"),
+    ("sc+confidence", "sc"),
+    ("sc+drop-half", "sc"),
+    ("sc+usc", "sc"),
+    ("aft+drop-half", "aft"),
+]
+CODE = {
+    "single": "single",
+    "sc": "sc:K=6",
+    "sc+behaviour": "sc:K=6,select=behaviour",
+    "sc+behaviour+inputs": "sc:K=6,select=behaviour,proposed_inputs=5",
+    "aft": "aft:K=3,L=1",
+    "aft+checks": "aft:K=3,L=1,code_checks=true",
+    "aft+checks+exit": "aft:K=3,L=1,code_checks=true,early_exit=true",
+}
+CODE_PAIRS = [
+    ("sc+behaviour", "sc"),
+    ("sc+behaviour+inputs", "sc"),
+    ("aft+checks", "aft"),
+    ("aft+checks+exit", "aft"),
+]
+
+
+def _by_task(records: Sequence[Mapping[str, Any]], name: str) -> dict[str, Mapping[str, Any]]:
+    return {r["task_id"]: r for r in records if r["strategy"] == name and r.get("error") is None}
+
+
+def _tokens(rec: Mapping[str, Any]) -> tuple[int, int]:
+    return rec["usage"]["prompt_tokens"], rec["usage"]["completion_tokens"]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def pair_rows(records: Sequence[Mapping[str, Any]], pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """Markdown rows: variant vs full run on the questions both answered."""
+    rows = []
+    for variant, full in pairs:
+        a, b = _by_task(records, variant), _by_task(records, full)
+        shared = sorted(set(a) & set(b))
+        if not shared:
+            continue
+        diffs = [a[t]["final_score"] - b[t]["final_score"] for t in shared]
+        lo, hi = bootstrap_interval(diffs)
+        acc_a = sum(a[t]["final_score"] for t in shared) / len(shared)
+        acc_b = sum(b[t]["final_score"] for t in shared) / len(shared)
+        pa, ga = (sum(_tokens(a[t])[k] for t in shared) / len(shared) for k in (0, 1))
+        pb, gb = (sum(_tokens(b[t])[k] for t in shared) / len(shared) for k in (0, 1))
+        calls_a = sum(a[t]["usage"]["calls"] for t in shared) / len(shared)
+        calls_b = sum(b[t]["usage"]["calls"] for t in shared) / len(shared)
+        exits = sum(a[t]["usage"].get("stopped_after") is not None for t in shared)
+        ratio = (pa + ga) / (pb + gb) if pb + gb else float("nan")
+        rows.append(
+            f"| {variant} | {full} | {len(shared)} | {_pct(acc_a)} | {_pct(acc_b)} | "
+            f"{100 * sum(diffs) / len(diffs):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | "
+            f"{pa:.0f} / {ga:.0f} | {pb:.0f} / {gb:.0f} | {ratio:.2f} | {calls_a:.1f} / {calls_b:.1f} | "
+            f"{exits} |"
+        )
+    return rows
+
+
+def same_sample_vote(records: Sequence[Mapping[str, Any]], name: str) -> str | None:
+    """Confidence-weighted (the run's answer) vs plain majority of the same proposals."""
+    runs = _by_task(records, name)
+    if not runs:
+        return None
+    weighted = [r["final_score"] for r in runs.values()]
+    plain = [question_metrics(r)[0]["majority"] for r in runs.values()]
+    diffs = [w - p for w, p in zip(weighted, plain, strict=True)]
+    lo, hi = bootstrap_interval(diffs)
+    n = len(diffs)
+    return (
+        f"| {name} | {n} | {_pct(sum(weighted) / n)} | {_pct(sum(plain) / n)} | "
+        f"{100 * sum(diffs) / n:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] |"
+    )
+
+
+def code_reference(records: Sequence[Mapping[str, Any]]) -> str | None:
+    """pass@1 and pass@6 of the self-consistency run's proposals: the range selection works in."""
+    runs = _by_task(records, "sc")
+    if not runs:
+        return None
+    n = len(runs)
+    layer0 = [question_metrics(r)[0] for r in runs.values()]
+    pass1 = sum(m["pass1"] for m in layer0) / n
+    pass_n = sum(m["pass_n"] for m in layer0) / n
+    lo, hi = wilson_interval(pass_n * n, n)
+    return (
+        f"Proposals of `sc` (n={n}): pass@1 {_pct(pass1)}%, pass@6 {_pct(pass_n)}% "
+        f"[{_pct(lo)}, {_pct(hi)}]; halfway target {_pct((pass1 + pass_n) / 2)}%."
+    )
+
+
+def report(runs: Path = RUNS) -> str:
+    header = (
+        "| variant | full run | n | acc % | full acc % | diff pp [95% CI] | prompt / gen tokens | "
+        "full prompt / gen | token ratio | calls / full | early exits |"
+    )
+    rule = "|" + "---|" * 11
+    lines = ["# Adaptive compute and selection (issue 15)", "", f"Produced by `{Path(__file__).name}`.", ""]
+    for suite, pairs in (("reasoning", REASONING_PAIRS), ("code", CODE_PAIRS)):
+        records = load_records(runs / suite) if (runs / suite / "records.jsonl").is_file() else []
+        if not records:
+            continue
+        lines += [f"## {suite}", "", header, rule, *pair_rows(records, pairs), ""]
+        if suite == "reasoning":
+            votes = [same_sample_vote(records, n) for n in ("sc+confidence", "sc+drop-half")]
+            lines += [
+                "Confidence-weighted vote vs plain vote on the same samples:",
+                "",
+                "| run | n | weighted % | plain % | diff pp [95% CI] |",
+                "|---|---|---|---|---|",
+                *[v for v in votes if v],
+                "",
+            ]
+        else:
+            ref = code_reference(records)
+            if ref:
+                lines += [ref, ""]
+    return "\n".join(lines)
+
+
+async def _run(args: argparse.Namespace, table: Mapping[str, str], suite_name: str, out: Path) -> None:
+    from aft_graph.cli import make_backend
+
+    spec = "; ".join(f"{name}={value}" for name, value in table.items())
+    configs = parse_strategies(spec, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    suite = load_suite(suite_name, n=args.n, seed=args.seed)
+    backend = make_backend(args.model, args.base_url, args.max_model_len, verbose=False)
+    try:
+        await evaluate(backend, suite, configs, out, concurrency=args.concurrency, plots=False)
+    finally:
+        await backend.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", choices=["reasoning", "code", "report"])
+    parser.add_argument("--suite", default="rg-mix:easy_arithmetic", help="reasoning suite")
+    parser.add_argument("--n", type=int, default=None, help="questions (default 60 reasoning, 24 code)")
+    parser.add_argument("--seed", type=int, default=1, help="task seed (1: held out from training's 0)")
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--base-url", action="append", default=None)
+    parser.add_argument("--max-tokens", type=int, default=320)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--runs", type=Path, default=RUNS)
+    args = parser.parse_args()
+    if args.step == "reasoning":
+        args.n = args.n or 60
+        asyncio.run(_run(args, REASONING, args.suite, args.runs / "reasoning"))
+    elif args.step == "code":
+        args.n = args.n or 24
+        asyncio.run(_run(args, CODE, "humaneval", args.runs / "code"))
+    text = report(args.runs)
+    DOC.write_text(text + "\n")
+    print(text)
+    print(json.dumps({"written": str(DOC)}))
+
+
+if __name__ == "__main__":
+    main()
