@@ -82,6 +82,7 @@ def test_engine_args_follow_the_profile(monkeypatch):
     env = vllm_backend.engine_env(kv_cache_gib=2)
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0,1"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert int(env["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"]) > 300
 
 
 def test_user_environment_wins(monkeypatch):

@@ -75,8 +75,8 @@ def cpu_scheduler_args(max_model_len: int) -> dict[str, Any]:
 def engine_env(*, kv_cache_gib: float | None = None) -> dict[str, str]:
     """Environment variables vLLM's CPU build reads at engine start (empty on a GPU).
 
-    Both cores bound on small machines (:meth:`aft_graph.hardware.CPUProfile.vllm_env`) and the
-    KV-cache size. Callers apply them with ``setdefault`` semantics, so a user's own setting wins;
+    Both cores bound on small machines (:meth:`aft_graph.hardware.CPUProfile.vllm_env`), a step
+    timeout long enough for the CPU build's one-off kernel compilation, and the KV-cache size. Callers apply them with ``setdefault`` semantics, so a user's own setting wins;
     a server started as a subprocess gets them in its environment.
     """
     from vllm.platforms import current_platform
@@ -84,6 +84,10 @@ def engine_env(*, kv_cache_gib: float | None = None) -> dict[str, str]:
     if not current_platform.is_cpu():
         return {}
     env = cpu_profile().vllm_env()
+    # The first request that asks for log-probabilities makes the CPU build compile a kernel
+    # (torch inductor + g++): over 300 s on a loaded 2-core machine, which is vLLM's default step
+    # timeout, and the engine died. Per-call timeouts of the graph bound the wait instead.
+    env["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] = "1200"
     if kv_cache_gib is not None:
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{kv_cache_gib:g}"
     return env
