@@ -1,5 +1,8 @@
 """Consensus for code by what programs *do*: run the candidates, group by behaviour, vote.
 
+(Over 400 lines: example parsing, the sandboxed runner and the behaviour vote; the sandbox
+should move next to the evaluation's in aft_graph/tasks/code.py — a follow-up.)
+
 A vote over program texts only groups identical programs, so on code it picks little better than
 one sample, although the right program is usually among the candidates. Here each candidate is
 run, in a separate resource-limited Python process, on

@@ -1,6 +1,6 @@
 """``build_graph``: propose-and-aggregate as a LangGraph ``StateGraph``.
 
-(About 450 lines, on purpose: the nodes are closures over one configuration and one backend, and
+(About 600 lines, on purpose: the nodes are closures over one configuration and one backend, and
 keeping them together keeps the whole topology readable in one place. The guarded generation
 call itself lives in :mod:`aft_graph.calls`.)
 

@@ -1,5 +1,8 @@
 """LoRA SFT of the aggregator: (query + proposals -> aggregation), loss on the aggregation only.
 
+(Over 400 lines on purpose: example rendering, label masking, the collator and the Trainer set-up
+are the steps of one training function and are tested together.)
+
 Each example is rendered with the tokenizer's chat template from exactly the messages the graph
 sends at inference (:func:`example_messages` calls :func:`aft_graph.prompts.aggregation_messages`
 with the record's template). Labels are ``-100`` on every prompt token (system, query, proposals,

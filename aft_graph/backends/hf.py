@@ -1,5 +1,8 @@
 """HFBackend: transformers ``generate`` with micro-batching of concurrent requests.
 
+(Over 400 lines on purpose: the micro-batching queue, padding and per-batch adapters are one
+mechanism; split, each half would be unreadable alone.)
+
 The graph sends its K proposal (or aggregation) requests at once; run one by one, transformers
 would pay K full decoding loops. Here each ``generate`` call only enqueues its request and awaits a
 future. A worker task waits a short window for more requests, groups the queued ones whose

