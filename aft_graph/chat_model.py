@@ -13,8 +13,9 @@ step) can use propose-and-aggregate in its place::
   (``on_custom_event``; ``astream_events(version="v2")`` yields ``on_custom_event``).
 - The reply's ``usage_metadata`` counts the tokens of every call (proposals and aggregations);
   ``response_metadata["aft"]`` holds the run's usage by role and its layers.
-- ``astream`` yields the final answer as one chunk (the graph answers once its last layer is done);
-  watch the layers through callbacks.
+- ``astream`` yields the final answer as one chunk (the graph answers once its last layer is done:
+  there is no ``_astream``, so LangChain falls back to ``ainvoke``, which keeps the callback tree
+  intact); watch the layers through callbacks.
 
 **Tool calling is not supported**: the aggregated answer is free text, and no aggregation rule for
 tool calls is defined (K proposals that call different tools cannot be merged meaningfully).
@@ -27,13 +28,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.callbacks import (
+    AsyncCallbackManager,
+    AsyncCallbackManagerForLLMRun,
+    CallbackManagerForLLMRun,
+)
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from .config import AggregateConfig
@@ -80,6 +85,26 @@ def conversation_question(messages: Sequence[BaseMessage]) -> tuple[str, str | N
             + f"\n\nAnswer the user's latest message:\n\n{question}"
         )  # fmt: skip
     return question, ("\n\n".join(system) if system else None)
+
+
+def _child_callbacks(run_manager: Any) -> AsyncCallbackManager | None:
+    """Callbacks for the graph run, nested under this chat model's run.
+
+    An LLM run manager has no ``get_child`` (LLM runs are leaves in LangChain's tree); the graph
+    is a real child here, so its handlers (and the ``aft_layer`` events) are passed down the same
+    way a chain's ``get_child`` would.
+    """
+    if run_manager is None:
+        return None
+    return AsyncCallbackManager(
+        handlers=list(run_manager.inheritable_handlers),
+        inheritable_handlers=list(run_manager.inheritable_handlers),
+        parent_run_id=run_manager.run_id,
+        tags=list(run_manager.inheritable_tags),
+        inheritable_tags=list(run_manager.inheritable_tags),
+        metadata=dict(run_manager.inheritable_metadata),
+        inheritable_metadata=dict(run_manager.inheritable_metadata),
+    )
 
 
 class AggregatingChatModel(BaseChatModel):
@@ -187,30 +212,9 @@ class AggregatingChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        callbacks = run_manager.get_child() if run_manager else None
+        callbacks = _child_callbacks(run_manager)
         message = await self._run(messages, stop, callbacks)
         return ChatResult(generations=[ChatGeneration(message=message)])
-
-    async def _astream(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> AsyncIterator[ChatGenerationChunk]:
-        callbacks = run_manager.get_child() if run_manager else None
-        message = await self._run(messages, stop, callbacks)
-        chunk = ChatGenerationChunk(
-            message=AIMessageChunk(
-                content=message.content,
-                usage_metadata=message.usage_metadata,
-                response_metadata=message.response_metadata,
-                chunk_position="last",
-            )
-        )
-        if run_manager:
-            await run_manager.on_llm_new_token(str(message.content), chunk=chunk)
-        yield chunk
 
     def _generate(
         self,
@@ -221,7 +225,7 @@ class AggregatingChatModel(BaseChatModel):
     ) -> ChatResult:
         # The graph is async; a sync call runs it on a fresh event loop. Backends bound to the
         # caller's loop (an in-process VLLMBackend started inside async code) need ainvoke.
-        callbacks = run_manager.get_child() if run_manager else None
+        callbacks = _child_callbacks(run_manager)
 
         def run() -> AIMessage:
             return asyncio.run(self._run(messages, stop, callbacks))
