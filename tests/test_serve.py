@@ -277,3 +277,42 @@ def test_settings_are_checked():
         create_app(ScriptedBackend(), max_concurrency=0)
     with pytest.raises(ValueError, match="positive"):
         create_app(ScriptedBackend(), request_timeout=0)
+
+
+def test_cli_serve_builds_the_app_from_its_options(monkeypatch):
+    from fastapi.testclient import TestClient
+    from typer.testing import CliRunner
+
+    from aft_graph import cli
+
+    fake = ScriptedBackend()
+    seen = {}
+
+    def make_backend(model, base_url, max_model_len, lora=False, verbose=False):
+        seen.update(model=model, base_url=base_url, max_model_len=max_model_len, lora=lora)
+        return fake
+
+    def run(app, host, port, log_level):
+        seen.update(host=host, port=port)
+        with TestClient(app) as http:  # runs the lifespan: the backend is built here
+            reply = http.post("/v1/chat/completions", json={"model": "aft-k2-l1", "messages": QUESTION})
+            seen["status"] = reply.status_code
+            seen["busy_limit"] = http.get("/status").json()["max_concurrency"]
+
+    monkeypatch.setattr(cli, "make_backend", make_backend)
+    monkeypatch.setattr(uvicorn, "run", run)
+    result = CliRunner().invoke(
+        cli.app,
+        ["serve", "--base-url", "http://h:8000/v1", "--port", "9999", "--max-concurrency", "3", "--lora", "adapter"],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    assert seen == {
+        "model": "default", "base_url": ["http://h:8000/v1"], "max_model_len": 4096, "lora": True,
+        "host": "127.0.0.1", "port": 9999, "status": 200, "busy_limit": 3,
+    }  # fmt: skip
+    # --lora applies to the aggregation calls only
+    assert [c.lora for c in fake.calls] == [None, None, "adapter", "adapter"]
+    assert fake.closed
+    bad = CliRunner().invoke(cli.app, ["serve", "--max-concurrency", "0"])
+    assert bad.exit_code == 2 and "at least 1" in bad.output

@@ -73,10 +73,11 @@ def _status(url: str) -> dict:
     return httpx.get(f"{url}/status", timeout=10).json()
 
 
-def _wait(predicate, timeout: float, what: str) -> float:
+def _wait(predicate, timeout: float, what: str, url: str | None = None) -> float:
     start = time.monotonic()
     while not predicate():
-        assert time.monotonic() - start < timeout, f"{what} not reached within {timeout} s"
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"{what} not reached within {timeout} s (status: {url and _status(url)})")
         time.sleep(0.1)
     return time.monotonic() - start
 
@@ -132,9 +133,12 @@ def test_disconnect_cancels_the_run_and_aborts_the_engine_requests(aft_server):
                 assert json.loads(line[5:])["aft_layer"]["layer"] == 0
                 break
         # the aggregation layer is now running inside the engine
-        _wait(lambda: (_status(aft_server)["engine_requests"] or 0) > 0, 60, "aggregation requests")
+        busy = lambda: (_status(aft_server)["engine_requests"] or 0) > 0  # noqa: E731
+        if not any(busy() or time.sleep(0.1) for _ in range(600)):
+            rest = "\n".join(reply.iter_lines())[-2000:]
+            pytest.fail(f"no engine request seen after layer 0: {_status(aft_server)}; stream: {rest}")
     # hung up mid-layer: the run is cancelled and the engine's requests are aborted
-    took = _wait(lambda: _status(aft_server)["engine_requests"] == 0, 30, "engine requests aborted")
+    took = _wait(lambda: _status(aft_server)["engine_requests"] == 0, 30, "engine requests aborted", aft_server)
     after = _status(aft_server)
     assert after["cancelled"] == before["cancelled"] + 1
     assert after["completed"] == before["completed"] and after["in_flight"] == 0
@@ -148,7 +152,7 @@ def test_disconnect_cancels_the_run_and_aborts_the_engine_requests(aft_server):
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload
         )
-        _wait(lambda: (_status(aft_server)["engine_requests"] or 0) > 0, 60, "proposal requests")
-    _wait(lambda: _status(aft_server)["engine_requests"] == 0, 30, "engine requests aborted")
+        _wait(lambda: (_status(aft_server)["engine_requests"] or 0) > 0, 60, "proposal requests", aft_server)
+    _wait(lambda: _status(aft_server)["engine_requests"] == 0, 30, "engine requests aborted", aft_server)
     final = _status(aft_server)
     assert final["cancelled"] == before["cancelled"] + 2 and final["completed"] == before["completed"]
