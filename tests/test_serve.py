@@ -316,3 +316,17 @@ def test_cli_serve_builds_the_app_from_its_options(monkeypatch):
     assert fake.closed
     bad = CliRunner().invoke(cli.app, ["serve", "--max-concurrency", "0"])
     assert bad.exit_code == 2 and "at least 1" in bad.output
+
+
+def test_langchain_chat_openai_talks_to_the_server():
+    langchain_openai = pytest.importorskip("langchain_openai")
+    backend = ScriptedBackend()
+    with serving(backend) as url:
+        model = langchain_openai.ChatOpenAI(model="aft-k2-l1", base_url=f"{url}/v1", api_key="unused", max_tokens=16)
+        reply = model.invoke("What is 2 + 3?")
+        assert "boxed" in reply.content
+        # usage counts the 4 calls of the run, not only the returned text
+        assert reply.usage_metadata["output_tokens"] >= 4 * len(reply.content.split())
+        chunks = list(model.stream("What is 2 + 3?"))
+        assert "boxed" in "".join(c.content for c in chunks)
+    assert len(backend.calls) == 2 * 4
