@@ -125,20 +125,18 @@ def test_stream_yields_layer_events_before_the_answer(aft_server):
 
 def test_disconnect_cancels_the_run_and_aborts_the_engine_requests(aft_server):
     before = _status(aft_server)
+    busy = lambda: (_status(aft_server)["engine_requests"] or 0) > 0  # noqa: E731
+    idle = lambda: _status(aft_server)["engine_requests"] == 0  # noqa: E731
+    # Long generations (max_tokens=400, temperature 1): the proposals are still in the engine
+    # when the client hangs up.
     body = {"model": "aft-k2-l3", "messages": QUESTION, "max_tokens": 400, "temperature": 1.0, "stream": True}
     with httpx.stream("POST", f"{aft_server}/v1/chat/completions", json=body, timeout=120) as reply:
         assert reply.status_code == 200
-        for line in reply.iter_lines():
-            if line.startswith("data:") and "aft_layer" in line:
-                assert json.loads(line[5:])["aft_layer"]["layer"] == 0
-                break
-        # the aggregation layer is now running inside the engine
-        busy = lambda: (_status(aft_server)["engine_requests"] or 0) > 0  # noqa: E731
-        if not any(busy() or time.sleep(0.1) for _ in range(600)):
-            rest = "\n".join(reply.iter_lines())[-2000:]
-            pytest.fail(f"no engine request seen after layer 0: {_status(aft_server)}; stream: {rest}")
+        lines = reply.iter_lines()
+        assert '"role": "assistant"' in next(line for line in lines if line.startswith("data:"))
+        _wait(busy, 60, "proposal requests in the engine", aft_server)
     # hung up mid-layer: the run is cancelled and the engine's requests are aborted
-    took = _wait(lambda: _status(aft_server)["engine_requests"] == 0, 30, "engine requests aborted", aft_server)
+    took = _wait(idle, 30, "engine requests aborted", aft_server)
     after = _status(aft_server)
     assert after["cancelled"] == before["cancelled"] + 1
     assert after["completed"] == before["completed"] and after["in_flight"] == 0
@@ -152,7 +150,7 @@ def test_disconnect_cancels_the_run_and_aborts_the_engine_requests(aft_server):
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload
         )
-        _wait(lambda: (_status(aft_server)["engine_requests"] or 0) > 0, 60, "proposal requests", aft_server)
-    _wait(lambda: _status(aft_server)["engine_requests"] == 0, 30, "engine requests aborted", aft_server)
+        _wait(busy, 60, "proposal requests in the engine", aft_server)
+    _wait(idle, 30, "engine requests aborted", aft_server)
     final = _status(aft_server)
     assert final["cancelled"] == before["cancelled"] + 2 and final["completed"] == before["completed"]
