@@ -39,7 +39,7 @@ def aft_server(small_model_dir, tmp_path_factory):
     cmd = [
         sys.executable, "-m", "aft_graph.cli", "serve", "--model", str(small_model_dir),
         "--port", str(port), "--max-model-len", str(MAX_MODEL_LEN), "--max-tokens", "48",
-        "--max-concurrency", "2",
+        "--max-concurrency", "2", "--verbose",  # the log (kept in the tmp dir) tells what went wrong
     ]  # fmt: skip
     log_path = tmp_path_factory.mktemp("aft-serve") / "server.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": str(ROOT)}
