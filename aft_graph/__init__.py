@@ -8,9 +8,11 @@
 
 from .answers import extract_answer, majority_vote
 from .calls import LayerFailedError, LayerUnavailableError
+from .chat_model import AggregatingChatModel
 from .config import AggregateConfig, SamplingConfig
 from .events import EVENT_NAME, LayerEvent, Usage
 from .graph import AggregateContext, build_graph
+from .names import parse_model_name
 from .prompts import PromptTemplate
 from .tools import as_tool
 
@@ -18,6 +20,7 @@ __all__ = [
     "EVENT_NAME",
     "AggregateConfig",
     "AggregateContext",
+    "AggregatingChatModel",
     "LayerEvent",
     "LayerFailedError",
     "LayerUnavailableError",
@@ -28,5 +31,6 @@ __all__ = [
     "build_graph",
     "extract_answer",
     "majority_vote",
+    "parse_model_name",
 ]
 __version__ = "0.1.0"
