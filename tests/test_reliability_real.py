@@ -237,17 +237,14 @@ _UNCLOSED = textwrap.dedent(
     import psutil
     from aft_graph.backends import GenerationRequest, Sampling, VLLMBackend
 
-    async def main():
+    if __name__ == "__main__":
+        # A module-level backend that is never closed: alive until the interpreter exits.
         backend = VLLMBackend(sys.argv[1], max_model_len=512, kv_cache_gib=1)
         request = GenerationRequest(
             messages=({"role": "user", "content": "hi"},), sampling=Sampling(max_tokens=4)
         )
-        await backend.generate(request)
+        asyncio.run(backend.generate(request))
         print("CHILDREN", *[p.pid for p in psutil.Process().children(recursive=True)], flush=True)
-        # no aclose(): the script just ends
-
-    if __name__ == "__main__":
-        asyncio.run(main())
     """
 )
 
