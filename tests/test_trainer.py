@@ -478,6 +478,40 @@ class TestAggregations:
         rows = list(read_records(tmp_path / "p.jsonl", AggregationRecord))
         assert rows[0].target in {"p1", "p2", "p3"} and rows[1].target == "q1"
 
+    async def test_verified_proposal_targets(self, tmp_path):
+        working = "2 plus 3 makes five in total, so <answer>5</answer>"
+        records = [
+            # the right answer is in the minority, with a bare copy and a truncated copy beside it
+            precord(0, ["<answer>6</answer>", working, "<answer>5</answer>", "<answer>6</answer>"]),
+            precord(1, ["<answer>6</answer>", "<answer>7</answer>"]),  # nothing right
+            precord(2, ["<answer>5</answer>"]),  # right, but only a bare answer
+        ]
+        cfg = AggregationConfig(mode="verified_proposal")
+        rep = await build_aggregations(records, cfg, tmp_path / "v.jsonl", show_progress=False)
+        rows = {r.query_id: r for r in read_records(tmp_path / "v.jsonl", AggregationRecord)}
+        assert rows["t0"].target == working and rows["t0"].target_reward == 1.0
+        assert rows["t2"].target == "<answer>5</answer>"
+        assert "t1" not in rows and rep.skipped["no accepted proposal"] == 1
+        assert rep.notes["bare-answer proposals passed over"] == 1
+        # k limits what the prompt shows, and so what may be copied
+        rep = await build_aggregations(
+            records[:1], AggregationConfig(mode="verified_proposal", k=1), tmp_path / "k.jsonl"
+        )
+        assert rep.kept == 0 and rep.skipped["no accepted proposal"] == 1
+
+    async def test_cap_on_queries_whose_proposals_all_agree(self, tmp_path):
+        agree = [precord(i, ["<answer>5</answer>", "so <answer>5</answer>"]) for i in range(8)]
+        split = [precord(10 + i, ["<answer>5</answer>", "<answer>4</answer>"]) for i in range(4)]
+        cfg = AggregationConfig(mode="proposal", max_agreeing_fraction=0.2)
+        rep = await build_aggregations(agree + split, cfg, tmp_path / "c.jsonl")
+        ids = [r.query_id for r in read_records(tmp_path / "c.jsonl", AggregationRecord)]
+        assert rep.kept == 5 and rep.notes["left out: all proposals agree (max_agreeing_fraction)"] == 7
+        assert {f"t{10 + i}" for i in range(4)} <= set(ids)
+        # the same choice again on a resumed run: nothing new is written
+        again = await build_aggregations(agree + split, cfg, tmp_path / "c.jsonl")
+        assert again.kept == 0
+        assert [r.query_id for r in read_records(tmp_path / "c.jsonl", AggregationRecord)] == ids
+
     async def test_over_long_prompts_are_counted(self, tmp_path):
         records = [precord(0, ["word " * 50]), precord(1, ["short"])]
         cfg = AggregationConfig(samples=1)

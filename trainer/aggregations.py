@@ -6,6 +6,9 @@ Modes (``AggregationConfig.mode``):
   and keep only those the verifier accepts (rejection sampling);
 - ``teacher``: a teacher model's aggregation through any backend (verified too, unless
   ``verify=False`` for unverifiable data);
+- ``verified_proposal`` (no generation): one of the prompt's own proposals that the verifier
+  accepts, preferring one that shows its working over a bare answer; the aggregator learns to pick
+  the right proposal and restate it, also when it is in the minority;
 - ``reference`` / ``proposal``: pseudo-aggregations that are not derived from the proposals (the
   reference answer; a random kept proposal), for the ablations.
 
@@ -18,6 +21,7 @@ no accepted target are listed in ``<out>.rejected.jsonl``, so a resumed job does
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -30,7 +34,13 @@ from ._run import bounded_map, progress
 from .config import AggregationConfig
 from .records import AggregationRecord, DataReport, JsonlWriter, ProposalRecord
 
-__all__ = ["aggregation_request", "build_aggregations", "get_template", "rejected_path"]
+__all__ = [
+    "aggregation_request",
+    "build_aggregations",
+    "cap_agreeing",
+    "get_template",
+    "rejected_path",
+]
 
 
 def get_template(name: str) -> PromptTemplate:
@@ -65,6 +75,69 @@ def _proposals_of(record: ProposalRecord, config: AggregationConfig) -> tuple[li
     return [p.text for p in kept], [p.reward for p in kept]
 
 
+def _all_agree(record: ProposalRecord, config: AggregationConfig, verifier: Verifier) -> bool:
+    texts, _ = _proposals_of(record, config)
+    answers = {verifier.extract(t) for t in texts}
+    return len(answers) == 1 and None not in answers
+
+
+def cap_agreeing(
+    records: list[ProposalRecord], config: AggregationConfig, verifier: Verifier
+) -> tuple[list[ProposalRecord], int]:
+    """Leave out queries whose proposals all state one answer beyond
+    ``config.max_agreeing_fraction`` of the result (a seeded choice, so a resumed run makes the
+    same one); order is kept.
+
+    Returns:
+        The records kept and how many were left out.
+    """
+    frac = config.max_agreeing_fraction
+    if frac >= 1.0:
+        return records, 0
+    agree = [r.id for r in records if _all_agree(r, config, verifier)]
+    n_disagree = len(records) - len(agree)
+    allowed = min(len(agree), int(frac / (1.0 - frac) * n_disagree))
+    rng = random.Random(derive_seed(config.rng_seed, "cap-agreeing", len(records)))
+    kept_agree = set(rng.sample(agree, allowed))
+    dropped = set(agree) - kept_agree
+    return [r for r in records if r.id not in dropped], len(dropped)
+
+
+def _shows_working(text: str) -> bool:
+    """Whether a response says more than its answer (some reasoning before or around the tag)."""
+    bare = re.sub(r"<answer>.*?</answer>|\\boxed\{[^}]*\}", "", text, flags=re.S)
+    return len(bare.strip()) >= 20
+
+
+def _verified_proposal(
+    record: ProposalRecord,
+    config: AggregationConfig,
+    verifier: Verifier,
+    template: PromptTemplate,
+    report: DataReport,
+) -> tuple[str, float] | None:
+    """A seeded choice among the accepted, whole, working-showing proposals of the prompt."""
+    kept = record.proposals[: config.k] if config.k else record.proposals
+    accepted: list[tuple[str, float]] = []
+    for p in kept:
+        reward = p.reward if p.reward is not None else verifier.score(record, p.text)
+        if reward < verifier.threshold or not p.text.strip():
+            continue
+        if config.drop_truncated and p.finish_reason == "length":
+            report.note("correct proposals rejected: cut by max_tokens")
+            continue
+        if _leaks_markup(p.text, template):
+            continue
+        accepted.append((p.text.strip(), reward))
+    if not accepted:
+        return None
+    reasoned = [a for a in accepted if _shows_working(a[0])]
+    if reasoned and len(reasoned) < len(accepted):
+        report.note("bare-answer proposals passed over", len(accepted) - len(reasoned))
+    rng = random.Random(derive_seed(config.rng_seed, "verified-proposal", record.id))
+    return rng.choice(reasoned or accepted)
+
+
 def aggregation_request(
     record: ProposalRecord, config: AggregationConfig
 ) -> GenerationRequest:
@@ -96,6 +169,9 @@ async def build_aggregations(
         raise ValueError(f"mode={config.mode!r} samples aggregations: give a backend")
     verifier = verifier or Verifier(config.answer_format, last_number=config.last_number)
     must_verify = config.mode == "self" or (config.mode == "teacher" and config.verify)
+    records, capped = cap_agreeing(records, config, verifier)
+    if capped:
+        report.note("left out: all proposals agree (max_agreeing_fraction)", capped)
 
     with (
         JsonlWriter(out, overwrite=overwrite, key="query_id") as writer,
@@ -127,6 +203,21 @@ async def build_aggregations(
         def reject(record: ProposalRecord, reason: str) -> None:
             report.skip(reason, record.id)
             rejected.write({"id": record.id, "reason": reason})
+
+        if config.mode == "verified_proposal":
+            for record in todo:
+                chosen = _verified_proposal(record, config, verifier, template, report)
+                if chosen is None:
+                    reject(record, "no accepted proposal")
+                    continue
+                text, reward = chosen
+                if config.append_answer and not _states_format(text):
+                    read = verifier.extract(text)
+                    if read is not None:
+                        text = f"{text}\n{config.reference_format.replace('{answer}', read)}"
+                        report.note("targets given the answer format")
+                emit(record, [(text, reward)])
+            return report
 
         if config.mode in ("reference", "proposal"):
             for record in todo:

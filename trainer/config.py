@@ -161,12 +161,20 @@ class SelectConfig(_Config):
 class AggregationConfig(_SampledConfig):
     """Aggregation targets: from a teacher, teacher-free (self + verifier), or pseudo (ablation)."""
 
-    mode: Literal["self", "teacher", "reference", "proposal"] = Field(
+    mode: Literal["self", "teacher", "verified_proposal", "reference", "proposal"] = Field(
         "self",
         description="self: sample aggregations from the model itself with the inference prompt and "
         "keep only verifier-accepted ones (rejection sampling); teacher: a teacher model's "
-        "aggregation through any backend; reference / proposal: pseudo-aggregations not derived "
-        "from the proposals (the reference answer / a random kept proposal) for ablations.",
+        "aggregation through any backend; verified_proposal: a proposal of the prompt that the "
+        "verifier accepts, copied (no generation: the aggregator learns to pick and restate the "
+        "right one); reference / proposal: pseudo-aggregations not derived from the proposals "
+        "(the reference answer / a random kept proposal) for ablations.",
+    )
+    max_agreeing_fraction: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="At most this fraction of the queries sent to the targets stage may have "
+        "proposals that all state the same answer (voting already handles those); the rest of "
+        "them are left out, chosen by rng_seed. 1.0: no cap.",
     )
     samples: int = Field(4, ge=1, description="Aggregations sampled per query (self / teacher).")
     keep: int = Field(1, ge=1, description="Accepted targets kept per query (distinct texts).")
@@ -320,8 +328,30 @@ class DemoConfig(_Config):
         description="Append '<answer>N</answer>' (N: the answer the verifier read) to accepted "
         "targets that lack the tag, so the adapter learns the requested format.",
     )
-    mode: Literal["self", "reference", "proposal"] = Field(
-        "self", description="Aggregation targets (self = teacher-free rejection sampling)."
+    mode: Literal["self", "verified_proposal", "reference", "proposal"] = Field(
+        "self",
+        description="Aggregation targets (self = teacher-free rejection sampling; "
+        "verified_proposal = an accepted proposal of the prompt, no generation).",
+    )
+    max_agreeing_fraction: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="Cap on the share of training queries whose proposals all agree.",
+    )
+    aggregation_k: int | None = Field(
+        None, ge=1,
+        description="Proposals in each training (and held-out) aggregation prompt: the first N "
+        "of the k kept, in sampling order (None: k). Lets selection keep every proposal, unbiased, "
+        "while the aggregator trains at the width it is evaluated at.",
+    )
+    heldout_samples: int | None = Field(
+        None, ge=1,
+        description="Proposals sampled per held-out query (None: k); more than the aggregator "
+        "reads gives the larger self-consistency baselines on the same samples.",
+    )
+    proposal_limit: int | None = Field(
+        None, ge=1,
+        description="Sample proposals for only the first N training queries in this run (a "
+        "later run with a higher limit or none continues where it stopped).",
     )
     steps: int = Field(30, ge=1, description="SFT optimizer steps.")
     batch_size: int = Field(4, ge=1)

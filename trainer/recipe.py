@@ -97,11 +97,13 @@ async def run_recipe(
         backend = start_engine()
         lap("engine start")
     assert backend is not None
-    eval_kwargs = dict(k=config.k, max_tokens=config.aggregation_tokens, verifier=verifier, strict=strict)
+    agg_k = config.aggregation_k or config.k
+    eval_kwargs = dict(k=agg_k, max_tokens=config.aggregation_tokens, verifier=verifier, strict=strict)
     try:
         reports.append(
             await stages.proposals(
-                backend, q.train, out / "proposals.jsonl", samples=config.proposals,
+                backend, q.train[: config.proposal_limit], out / "proposals.jsonl",
+                samples=config.proposals,
                 max_tokens=config.proposal_tokens, show_progress=show_progress,
             )
         )  # fmt: skip
@@ -111,22 +113,27 @@ async def run_recipe(
         lap("selection")
         acfg = AggregationConfig(
             mode=config.mode, samples=config.aggregation_samples, keep=config.keep,
-            max_tokens=config.aggregation_tokens, k=config.k,
+            max_tokens=config.aggregation_tokens, k=agg_k,
             temperature=config.aggregation_temperature, last_number=config.last_number,
             append_answer=config.append_answer,
+            max_agreeing_fraction=config.max_agreeing_fraction, rng_seed=config.seed,
         )  # fmt: skip
         report, examples = await stages.targets(backend, out, acfg, verifier, show_progress=show_progress)
         reports.append(report)
         lap("aggregation targets")
 
         report = await stages.proposals(
-            backend, q.heldout, out / "eval_proposals.jsonl", samples=config.k,
+            backend, q.heldout, out / "eval_proposals.jsonl", samples=config.heldout_samples or config.k,
             max_tokens=config.proposal_tokens, show_progress=show_progress,
         )  # fmt: skip
         report.stage = "held-out proposals"
         reports.append(report)
         heldout = list(read_records(out / "eval_proposals.jsonl", ProposalRecord))
-        baselines = stages.proposal_baselines(heldout, verifier, config.k)
+        baselines = stages.proposal_baselines(heldout, verifier, agg_k)
+        n_heldout = config.heldout_samples or config.k
+        if n_heldout != agg_k:  # voting over every held-out sample: the larger SC baseline
+            more = stages.proposal_baselines(heldout, verifier, n_heldout)
+            baselines |= {f"{key}@{n_heldout}": value for key, value in more.items()}
         before = await stages.evaluate(
             backend, heldout, out / "heldout_base.json", lora=None, **eval_kwargs
         )
@@ -156,7 +163,7 @@ async def run_recipe(
             after = await stages.evaluate(backend, heldout, after_path, lora=adapter, **eval_kwargs)
         lap("evaluation after")
         graph = await stages.graph_runs(
-            backend, heldout[:2], adapter, k=config.k, proposal_tokens=config.proposal_tokens,
+            backend, heldout[:2], adapter, k=agg_k, proposal_tokens=config.proposal_tokens,
             aggregation_tokens=config.aggregation_tokens, verifier=verifier,
         )  # fmt: skip
         lap("graph with the adapter")
@@ -170,7 +177,7 @@ async def run_recipe(
             first = heldout[0]
             merged_dir, merged_text = stages.export(
                 sft_result.adapter_dir, out / "merged",
-                check_messages=aggregation_messages(first.question, first.texts()[: config.k], AFT_TEMPLATE),
+                check_messages=aggregation_messages(first.question, first.texts()[:agg_k], AFT_TEMPLATE),
                 max_tokens=config.aggregation_tokens,
             )  # fmt: skip
         lap("export + merged check")
