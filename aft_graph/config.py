@@ -80,6 +80,10 @@ class AggregateConfig(BaseModel):
         steps: T, RSA aggregation steps.
         proposer: Sampling of proposals.
         aggregator: Sampling of aggregations / refinements.
+        aggregator_lora: LoRA adapter of the aggregation calls: a shipped name (``"aft"``, the
+            trained AFT aggregator of the default model) or an adapter directory; the engine must
+            serve adapters (``VLLMBackend(..., enable_lora=True)``). A run's
+            ``AggregateContext.aggregator_lora`` overrides it.
         seed: Base seed: every call gets a seed derived from it, so runs are reproducible.
         select: How the final answer is chosen from the last layer: ``last`` (first text of the last
             layer), ``majority`` (majority vote over extracted answers), ``reward`` (highest score
@@ -151,6 +155,7 @@ class AggregateConfig(BaseModel):
     steps: int = Field(2, ge=0, strict=True, description="T: RSA aggregation steps.")
     proposer: SamplingConfig = SamplingConfig()
     aggregator: SamplingConfig = SamplingConfig()
+    aggregator_lora: str | None = Field(None, min_length=1)
     seed: int | None = Field(0, strict=True)
     select: Selection | None = None
     answer_format: AnswerFormat = "auto"

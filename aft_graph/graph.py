@@ -411,7 +411,7 @@ def build_graph(
                 sampling = config.aggregator.to_sampling(
                     derive_seed(config.seed, layer, index), logprobs=policy.logprobs
                 )
-                lora = ctx.aggregator_lora or ctx.lora
+                lora = ctx.aggregator_lora or config.aggregator_lora or ctx.lora
             return GenerationRequest(messages=tuple(messages), sampling=sampling, lora=lora)
         except Exception as exc:  # noqa: BLE001 - e.g. a custom backend's truncate
             raise CallFailure(f"{type(exc).__name__}: {exc}") from exc

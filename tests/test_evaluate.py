@@ -234,6 +234,10 @@ def test_parse_strategies():
     with pytest.raises(ValueError, match="unknown strategy"):
         parse_strategies("magic:K=2")
     assert strategy_label(_aft(4, 2)) == "aft_K4_L2"
+    # the trained aggregator as a strategy option: its own label, so it sits beside the untrained
+    trained = parse_strategies("aft:K=3,L=1; aft:K=3,L=1,lora=aft; rsa:N=4,K=2,T=1,lora=/runs/x/adapter")
+    assert list(trained) == ["aft_K3_L1", "aft_K3_L1_aft", "rsa_N4_K2_T1_adapter"]
+    assert trained["aft_K3_L1_aft"].aggregator_lora == "aft" and trained["aft_K3_L1"].aggregator_lora is None
 
 
 def test_intervals():

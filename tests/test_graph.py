@@ -329,3 +329,20 @@ async def test_drawing_and_traces_show_proposals_fanning_in_to_aggregators():
     ]
     assert steps == ["prepare", "propose", "propose", "collect_layer", "aggregate", "aggregate",
                      "collect_layer", "finalize"]  # fmt: skip
+
+
+async def test_aggregator_lora_from_the_config_and_the_context():
+    from aft_graph import AggregateContext
+
+    backend = ScriptedBackend(_unique)
+    graph = build_graph(backend, _cfg(proposals=2, layers=1, aggregator_lora="aft"))
+    await graph.ainvoke({"question": "What is 2 + 2?"})
+    assert {c.lora for c in backend.calls if not _is_aggregation(c)} == {None}
+    assert {c.lora for c in backend.calls if _is_aggregation(c)} == {"aft"}
+    # A run's context wins over the configuration; the run-wide lora stays off the aggregator.
+    backend.calls.clear()
+    await graph.ainvoke(
+        {"question": "What is 2 + 2?"}, context=AggregateContext(lora="p", aggregator_lora="/x/adapter")
+    )
+    assert {c.lora for c in backend.calls if not _is_aggregation(c)} == {"p"}
+    assert {c.lora for c in backend.calls if _is_aggregation(c)} == {"/x/adapter"}

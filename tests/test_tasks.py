@@ -274,3 +274,22 @@ async def test_recipe_runs_the_stages_and_resumes(tmp_path, monkeypatch):
     # a rerun generates nothing again but the graph runs of the report (K proposals + 1 aggregation each)
     assert len(backend.calls) - calls == 2 * (config.k + 1)
     assert again["heldout"] == summary["heldout"]
+
+
+def test_jsonl_suite_reads_stored_reasoning_gym_records(tmp_path):
+    import gzip
+    import json
+
+    from aft_graph.tasks import load_suite, score
+
+    row = {
+        "id": "eval-products-1", "question": "Solve 4 * 9.", "answer": "36", "task": "products",
+        "metadata": {"source_dataset": "products", "expression": "4 * 9", "item_seed": 7},
+    }  # fmt: skip
+    path = tmp_path / "tasks.jsonl.gz"
+    with gzip.open(path, "wt") as fh:
+        fh.write(json.dumps(row) + "\n" + json.dumps({"question": "2+2?", "answer": "4"}) + "\n")
+    rg, plain = load_suite(f"jsonl:{path}", seed=None).tasks
+    assert rg.kind == "reasoning_gym" and rg.metadata["item_seed"] == 7
+    assert score(rg, "<answer>36</answer>") == 1.0 and score(rg, "<answer>35</answer>") == 0.0
+    assert plain.kind == "math"

@@ -162,6 +162,10 @@ async def run_recipe(
             backend = start_engine()
             after = await stages.evaluate(backend, heldout, after_path, lora=adapter, **eval_kwargs)
         lap("evaluation after")
+        votes = {f"majority of {agg_k}": stages.vote_scores(heldout, verifier, agg_k)}
+        if n_heldout != agg_k:
+            votes[f"majority of {n_heldout}"] = stages.vote_scores(heldout, verifier, n_heldout)
+        paired = stages.paired_comparisons(after, before, votes)
         graph = await stages.graph_runs(
             backend, heldout[:2], adapter, k=agg_k, proposal_tokens=config.proposal_tokens,
             aggregation_tokens=config.aggregation_tokens, verifier=verifier,
@@ -187,7 +191,7 @@ async def run_recipe(
         json.loads(config.model_dump_json()), out, timings=timings, reports=reports,
         rewards=rewards, examples=examples, sft_result=sft_result, heldout=heldout,
         baselines=baselines, before=before, after=after, merged_dir=merged_dir,
-        merged_text=merged_text, graph=graph, checked=q.checked,
+        merged_text=merged_text, graph=graph, checked=q.checked, paired=paired,
     )  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     (out / "report.md").write_text(render_report(summary))

@@ -104,13 +104,12 @@ class TaskRecord(BaseModel):
         Raises:
             ValueError: The record has neither (no verifier can score it).
         """
-        from aft_graph.tasks import Task, is_reasoning_gym_dataset
+        from aft_graph.tasks import Task, is_reasoning_gym_dataset, stored_reasoning_gym_task
 
         if self.task is not None and is_reasoning_gym_dataset(self.task):
-            entry = {"question": self.question, "answer": self.answer, "metadata": self.metadata}
-            meta = {"dataset": self.task, "config": {}, "entry": entry}
-            meta["item_seed"] = self.metadata.get("item_seed")
-            return Task(self.id, self.question, self.answer or "", meta, kind="reasoning_gym")
+            return stored_reasoning_gym_task(
+                self.id, self.question, self.answer or "", self.task, self.metadata
+            )
         if self.answer is None:
             raise ValueError(
                 f"task {self.id!r} has neither a reasoning-gym task name nor a reference answer, "

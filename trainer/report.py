@@ -38,6 +38,7 @@ def build_summary(
     merged_text: str | None,
     graph: list[dict[str, Any]],
     checked: dict[str, int],
+    paired: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Everything a run measured, as plain JSON (what ``summary.json`` holds)."""
     k = config["k"]
@@ -78,6 +79,7 @@ def build_summary(
             "direct_before": accuracy(before, "direct_score"),
             "direct_after": accuracy(after, "direct_score"),
             "outputs_changed": sum(b["aggregation"] != a["aggregation"] for b, a in zip(before, after, strict=True)),
+            "paired": paired or {},
         },
         "merged": {"dir": str(merged_dir) if merged_dir else None, "first_output": merged_text},
         "graph": graph,
@@ -115,6 +117,31 @@ def _quote(text: str, limit: int = 400) -> str:
     return "\n".join("    " + line for line in text.splitlines()) or "    (empty)"
 
 
+_TARGETS = {
+    "self": "teacher-free self-aggregation filtered by the verifier",
+    "verified_proposal": "a verifier-accepted proposal of the prompt (working shown preferred), "
+    "copied: no generation",
+}
+
+
+def _paired_lines(paired: dict[str, dict[str, float]]) -> list[str]:
+    if not paired:
+        return []
+    lines = [
+        "Paired on the same questions: the trained aggregator minus each baseline (95% bootstrap "
+        "interval, BCa; wins / losses count the questions where exactly one is right).",
+        "",
+        "| baseline | baseline accuracy | trained minus baseline | 95% interval | wins / losses |",
+        "|---|---|---|---|---|",
+    ]
+    for name, p in paired.items():
+        lines.append(
+            f"| {name} | {p['baseline']:.3f} | {p['difference']:+.3f} | "
+            f"[{p['low']:+.3f}, {p['high']:+.3f}] | {p['wins']} / {p['losses']} |"
+        )
+    return [*lines, ""]
+
+
 def render_report(s: dict[str, Any]) -> str:
     """The Markdown report of a recipe run."""
     c, r, sft, h = s["config"], s["rewards"], s["sft"], s["heldout"]
@@ -126,7 +153,7 @@ def render_report(s: dict[str, Any]) -> str:
         f"Model `{c['model']}`; {c['train_size']} training and {c['eval_size']} held-out queries "
         f"(reasoning-gym: {families}; task seed {c['task_seed']}, disjoint by seed and question "
         f"from the evaluation suites {checked}); targets: "
-        + ("teacher-free self-aggregation filtered by the verifier" if c["mode"] == "self" else f"pseudo ({c['mode']})")
+        + _TARGETS.get(c["mode"], f"pseudo ({c['mode']})")
         + "."
         + (" Accepted targets without an `<answer>` tag get `<answer>N</answer>` appended (N: the "
            "answer the verifier read), so the adapter learns the requested format." if c.get("append_answer") else ""),
@@ -202,6 +229,7 @@ def render_report(s: dict[str, Any]) -> str:
         f"{_fmt(h['tagged_after'])} after; greedy aggregations changed by the adapter: "
         f"{h['outputs_changed']}/{h['questions']}.",
         "",
+        *_paired_lines(h.get("paired") or {}),
         "## Outputs before / after",
         "",
     ]

@@ -47,12 +47,14 @@ __all__ = [
     "evaluate",
     "export",
     "graph_runs",
+    "paired_comparisons",
     "proposal_baselines",
     "proposals",
     "queries",
     "select",
     "sft",
     "targets",
+    "vote_scores",
 ]
 
 HELDOUT_SEED_OFFSET = 1_000_000
@@ -330,22 +332,62 @@ async def evaluate(
     return result
 
 
-def proposal_baselines(records: Sequence[ProposalRecord], verifier: Verifier, k: int) -> dict[str, float]:
-    """Accuracy of the first ``k`` proposals: their mean, their majority vote, any of them."""
-    mean, vote, oracle = [], [], []
+def vote_scores(records: Sequence[ProposalRecord], verifier: Verifier, k: int) -> list[float]:
+    """Per record, 1.0 where the majority vote of its first ``k`` proposals is right (the
+    self-consistency answer; ties go to the earliest answer), else 0.0."""
+    out = []
     for record in records:
         texts = record.texts()[:k]
-        scores = [verifier.score(record, t) for t in texts]
+        v = majority_vote([verifier.extract(t) for t in texts])
+        out.append(float(v.index is not None and verifier.score(record, texts[v.index]) >= 1.0))
+    return out
+
+
+def proposal_baselines(records: Sequence[ProposalRecord], verifier: Verifier, k: int) -> dict[str, float]:
+    """Accuracy of the first ``k`` proposals: their mean, their majority vote, any of them."""
+    mean, oracle = [], []
+    for record in records:
+        scores = [verifier.score(record, t) for t in record.texts()[:k]]
         mean.append(sum(s >= 1.0 for s in scores) / len(scores))
         oracle.append(float(any(s >= 1.0 for s in scores)))
-        v = majority_vote([verifier.extract(t) for t in texts])
-        vote.append(float(v.index is not None and scores[v.index] >= 1.0))
     n = max(len(records), 1)
     return {
         "proposal_accuracy": sum(mean) / n,
-        "majority_vote_accuracy": sum(vote) / n,
+        "majority_vote_accuracy": sum(vote_scores(records, verifier, k)) / n,
         "any_proposal_right": sum(oracle) / n,
     }
+
+
+def paired_comparisons(
+    after: Sequence[dict[str, Any]],
+    before: Sequence[dict[str, Any]],
+    votes: dict[str, Sequence[float]],
+) -> dict[str, dict[str, float]]:
+    """The trained aggregator against each baseline on the same questions: the mean per-question
+    difference of scores (1/0) with its 95% bootstrap interval (BCa).
+
+    Args:
+        after: Rows of :func:`evaluate` with the adapter.
+        before: The same rows without it (the untrained aggregator).
+        votes: Per-question vote scores by name (e.g. ``{"majority@3": ..., "majority@6": ...}``).
+    """
+    from aft_graph.eval.stats import bootstrap_interval
+
+    trained = [float(r["aggregation_score"] >= 1.0) for r in after]
+    baselines = {"untrained aggregator": [float(r["aggregation_score"] >= 1.0) for r in before], **votes}
+    out = {}
+    for name, scores in baselines.items():
+        diffs = [a - b for a, b in zip(trained, scores, strict=True)]
+        lo, hi = bootstrap_interval(diffs)
+        out[name] = {
+            "baseline": round(sum(scores) / max(len(scores), 1), 4),
+            "difference": round(sum(diffs) / max(len(diffs), 1), 4),
+            "low": round(lo, 4),
+            "high": round(hi, 4),
+            "wins": sum(d > 0 for d in diffs),
+            "losses": sum(d < 0 for d in diffs),
+        }
+    return out
 
 
 async def graph_runs(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ..config import AggregateConfig, SamplingConfig
@@ -33,8 +34,10 @@ def strategy_label(config: AggregateConfig) -> str:
     if s == "self_refine":
         return f"refine_L{config.layers}"
     if s == "rsa":
-        return f"rsa_N{config.population}_K{config.subset_size}_T{config.steps}"
-    return f"aft_K{config.proposals}_L{config.layers}" + ("_1f" if config.single_final_aggregation else "")
+        label = f"rsa_N{config.population}_K{config.subset_size}_T{config.steps}"
+        return label + (f"_{Path(config.aggregator_lora).name}" if config.aggregator_lora else "")
+    label = f"aft_K{config.proposals}_L{config.layers}" + ("_1f" if config.single_final_aggregation else "")
+    return label + (f"_{Path(config.aggregator_lora).name}" if config.aggregator_lora else "")
 
 
 def expected_calls(config: AggregateConfig) -> int:
@@ -166,7 +169,8 @@ def parse_strategies(
     ``spec`` is ``;``-separated items ``[name=]strategy[:key=value,...]``. Strategies: ``single``,
     ``sc``, ``bon``, ``refine``, ``aft``, ``rsa`` (or their full names); keys: ``K`` (proposals,
     or the subset size for RSA), ``L`` (layers), ``N`` (population), ``T`` (steps), any
-    :class:`~aft_graph.config.AggregateConfig` field, or a sampling field (``temperature``,
+    :class:`~aft_graph.config.AggregateConfig` field (``lora``: ``aggregator_lora``, e.g. ``lora=aft``
+    for the shipped AFT aggregator), or a sampling field (``temperature``,
     ``max_tokens``...) applied to proposer and aggregator alike. ``matched:C`` expands to
     :func:`compute_matched` at C calls (``matched:8,include=sc+aft+rsa`` picks some).
 
@@ -209,7 +213,7 @@ def parse_strategies(
         if sampling_keys:  # temperature=..., max_tokens=...: both roles alike
             fields["proposer"] = fields["aggregator"] = sampling.model_copy(update=sampling_keys)
         for key, value in params.items():
-            mapped = {"L": "layers", "N": "population", "T": "steps"}.get(key, key)
+            mapped = {"L": "layers", "N": "population", "T": "steps", "lora": "aggregator_lora"}.get(key, key)
             if key == "K":
                 mapped = "subset_size" if strategy == "rsa" else "proposals"
             fields[mapped] = value

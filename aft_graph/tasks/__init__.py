@@ -35,6 +35,7 @@ from .suites import (
     is_reasoning_gym_dataset,
     load_suite,
     reasoning_gym_tasks,
+    stored_reasoning_gym_task,
 )
 from .task import (
     ANSWER_INSTRUCTIONS,
@@ -74,6 +75,7 @@ __all__ = [
     "evaluation_suites",
     "extract_code",
     "is_reasoning_gym_dataset",
+    "stored_reasoning_gym_task",
     "load_suite",
     "proxy_reward",
     "reasoning_gym_tasks",

@@ -36,6 +36,7 @@ __all__ = [
     "SUITES",
     "evaluation_suites",
     "is_reasoning_gym_dataset",
+    "stored_reasoning_gym_task",
     "load_suite",
     "reasoning_gym_tasks",
 ]
@@ -169,6 +170,16 @@ def _reasoning_gym():
             "reasoning-gym tasks need the `reasoning-gym` package: pip install -e '.[eval]'"
         ) from exc
     return reasoning_gym
+
+
+def stored_reasoning_gym_task(
+    id: str, question: str, answer: str, dataset: str, metadata: dict[str, Any]
+) -> Task:
+    """A reasoning-gym item stored as plain fields (a trainer ``TaskRecord``, a jsonl row) as a
+    :class:`Task` scored by that data set's ``score_answer``, as when it was generated."""
+    entry = {"question": question, "answer": answer, "metadata": metadata}
+    meta = {"dataset": dataset, "config": {}, "entry": entry, "item_seed": metadata.get("item_seed")}
+    return Task(id, question, answer or "", meta, kind="reasoning_gym")
 
 
 def is_reasoning_gym_dataset(name: str) -> bool:
@@ -352,7 +363,8 @@ def _jsonl_tasks(path: Path, checker: Checker) -> list[Task]:
     if not path.is_file():
         raise ValueError(f"jsonl suite file {str(path)!r} does not exist")
     tasks = []
-    with path.open() as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -361,6 +373,16 @@ def _jsonl_tasks(path: Path, checker: Checker) -> list[Task]:
                 raise ValueError(
                     f"{path}:{lineno}: each line needs 'question' and 'answer' keys, got {sorted(row)}"
                 )
+            if is_reasoning_gym_dataset(str(row.get("task") or "")):
+                # A trainer TaskRecord (e.g. a recipe's held-out tasks_eval.jsonl): scored by its
+                # reasoning-gym data set, as in training, whatever the checker.
+                tasks.append(
+                    stored_reasoning_gym_task(
+                        str(row.get("id", f"{path.stem}-{lineno}")), row["question"],
+                        str(row["answer"]), row["task"], row.get("metadata") or {},
+                    )
+                )  # fmt: skip
+                continue
             tasks.append(
                 Task(
                     id=str(row.get("id", f"{path.stem}-{lineno}")),
