@@ -200,7 +200,9 @@ def run(
     usage = result["usage"]
     console.print(
         f"{usage['calls']} calls ({usage['proposer_calls']} proposer, {usage['aggregator_calls']} "
-        f"aggregator), {usage['prompt_tokens']} prompt + {usage['completion_tokens']} generated tokens"
+        f"aggregator), {usage['prompt_tokens']} prompt ({usage['prompt_tokens'] - usage['cached_prompt_tokens']} "
+        f"computed, {usage['cached_prompt_tokens']} read from the prefix cache) + {usage['completion_tokens']} "
+        f"generated tokens"
         + (f"; {usage['saved_calls']} calls saved" if usage.get("saved_calls") else "")
     )
 
@@ -254,6 +256,22 @@ def eval_(
     summary = _arun(main)
     sys.stdout.write(summary_markdown(summary))  # plain: rich would wrap the tables and eat [..]
     _err.print(f"records, summary.json, summary.md and plots in {out}")
+
+@app.command()
+def adapter(
+    name: Annotated[str, typer.Argument(help="A shipped adapter's name, e.g. aft.")] = "aft",
+) -> None:
+    """Print a shipped LoRA adapter's directory after checking its pinned hashes (for `vllm serve
+    --enable-lora --lora-modules aft=$(aft-graph adapter aft)` or `aft-train export --adapter aft`)."""
+    from .adapters import AdapterIntegrityError, shipped_adapter
+
+    try:
+        path = shipped_adapter(name)
+    except (KeyError, AdapterIntegrityError) as exc:
+        _err.print(f"[red]{exc.args[0]}[/red]")
+        raise typer.Exit(2) from None
+    sys.stdout.write(f"{path}\n")
+
 
 @app.command()
 def serve(

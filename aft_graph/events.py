@@ -32,6 +32,9 @@ class LayerEvent(BaseModel):
         answers: The answer extracted from each text (``None`` where none was stated).
         sources: For each text, the indices (into the previous layer's texts) it read.
         prompt_tokens: Prompt tokens of each successful call.
+        cached_prompt_tokens: Of those, the tokens the engine read from its prefix cache instead of
+            computing them (vLLM: ``num_cached_tokens``; 0 where the engine does not say). The
+            aggregation calls of one layer share their prompt, so all but the first read it.
         completion_tokens: Generated tokens of each successful call.
         finish_reasons: ``stop`` or ``length`` for each successful call.
         truncated: How many proposals were cut to the token budget in this layer's prompts.
@@ -61,6 +64,7 @@ class LayerEvent(BaseModel):
     answers: list[str | None]
     sources: list[list[int]]
     prompt_tokens: list[int]
+    cached_prompt_tokens: list[int] = []
     completion_tokens: list[int]
     finish_reasons: list[str]
     truncated: int = 0
@@ -92,6 +96,7 @@ class Usage(BaseModel):
     """
 
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
     completion_tokens: int = 0
     calls: int = 0
     proposer_calls: int = 0
@@ -106,6 +111,7 @@ class Usage(BaseModel):
         usage = cls()
         for ev in layers:
             usage.prompt_tokens += sum(ev.prompt_tokens)
+            usage.cached_prompt_tokens += sum(ev.cached_prompt_tokens)
             usage.completion_tokens += sum(ev.completion_tokens)
             usage.calls += ev.calls
             usage.failed_calls += len(ev.failures)
@@ -118,9 +124,10 @@ class Usage(BaseModel):
                 usage.stopped_after = ev.layer
         return usage
 
-    def add_call(self, prompt_tokens: int, completion_tokens: int) -> None:
+    def add_call(self, prompt_tokens: int, completion_tokens: int, cached_prompt_tokens: int = 0) -> None:
         """Count one selector call (outside the layers)."""
         self.prompt_tokens += prompt_tokens
+        self.cached_prompt_tokens += cached_prompt_tokens
         self.completion_tokens += completion_tokens
         self.calls += 1
         self.selector_calls += 1

@@ -160,7 +160,11 @@ class _Task(TypedDict, total=False):
 
 
 def _usage_of(completion: Any) -> dict[str, int]:
-    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens}
+    return {
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "cached_prompt_tokens": getattr(completion, "cached_prompt_tokens", 0),
+    }
 
 
 def _question_of(state: _State) -> str:
@@ -487,6 +491,7 @@ def build_graph(
             answers=answers,
             sources=[r["sources"] for r in ok],
             prompt_tokens=[r["prompt_tokens"] for r in ok],
+            cached_prompt_tokens=[r.get("cached_prompt_tokens", 0) for r in ok],
             completion_tokens=[r["completion_tokens"] for r in ok],
             finish_reasons=[r["finish_reason"] for r in ok],
             truncated=sum(r["truncated"] for r in done),
@@ -577,7 +582,7 @@ def build_graph(
         choice = selection.index
         usage = Usage.from_layers([LayerEvent.model_validate(d) for d in state["layers"]])
         for u in [*extra_usage, *map(_usage_of, selection.calls)]:
-            usage.add_call(u["prompt_tokens"], u["completion_tokens"])
+            usage.add_call(u["prompt_tokens"], u["completion_tokens"], u.get("cached_prompt_tokens", 0))
         return {
             "answer": texts[choice],
             "usage": usage.model_dump(),

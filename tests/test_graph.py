@@ -346,3 +346,24 @@ async def test_aggregator_lora_from_the_config_and_the_context():
     )
     assert {c.lora for c in backend.calls if not _is_aggregation(c)} == {"p"}
     assert {c.lora for c in backend.calls if _is_aggregation(c)} == {"/x/adapter"}
+
+
+async def test_usage_counts_prompt_tokens_read_from_the_prefix_cache():
+    class Caching(ScriptedBackend):
+        """Reports the shared aggregation prompt as cached after its first read, as vLLM does."""
+
+        seen: set = set()
+
+        async def generate(self, request):
+            out = await super().generate(request)
+            key = request.messages[-1]["content"]
+            cached = 7 if key in self.seen else 0
+            self.seen.add(key)
+            return [c.model_copy(update={"cached_prompt_tokens": cached}) for c in out]
+
+    graph = build_graph(Caching(_unique), _cfg(proposals=3, layers=1))
+    result = await graph.ainvoke({"question": "What is 2 + 2?"})
+    layers = result["layers"]
+    # each layer's three calls share one prompt: one prefill, two reads
+    assert [sorted(ly["cached_prompt_tokens"]) for ly in layers] == [[0, 7, 7], [0, 7, 7]]
+    assert result["usage"]["cached_prompt_tokens"] == sum(map(sum, (ly["cached_prompt_tokens"] for ly in layers)))

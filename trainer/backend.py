@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from aft_graph.backends.base import Backend
@@ -15,14 +16,15 @@ def make_backend(
     model: str,
     *,
     engine: Engine = "vllm",
-    base_url: str | None = None,
+    base_url: str | Sequence[str] | None = None,
     max_model_len: int = 2048,
     max_lora_rank: int = 16,
 ) -> Backend:
     """A backend on ``model`` (``small``, ``default``, a directory, or a served model name).
 
     ``vllm``: in-process engine with LoRA serving on; ``hf``: transformers; ``openai``: an
-    OpenAI-compatible server (``vllm serve``) at ``base_url``.
+    OpenAI-compatible server (``vllm serve``) at ``base_url``, or a fleet of them (a list: requests
+    take turns (round-robin), see :class:`aft_graph.backends.OpenAIBackend`).
     """
     if engine == "vllm":
         from aft_graph.backends.vllm import VLLMBackend

@@ -49,7 +49,11 @@ Engine = Annotated[
     str, typer.Option("--engine", help="vllm (in-process, LoRA serving), hf (transformers) or openai.")
 ]
 BaseUrl = Annotated[
-    str | None, typer.Option("--base-url", help="OpenAI-compatible server (engine=openai).")
+    list[str] | None,
+    typer.Option(
+        "--base-url",
+        help="OpenAI-compatible server (engine=openai); repeat it for a fleet of servers.",
+    ),
 ]
 MaxLen = Annotated[int, typer.Option("--max-model-len", help="Engine context window.")]
 Overwrite = Annotated[
@@ -87,7 +91,7 @@ def _print_report(report) -> None:
     report.print()
 
 
-async def _with_backend(model: str, engine: str, base_url: str | None, max_len: int, fn):
+async def _with_backend(model: str, engine: str, base_url: list[str] | None, max_len: int, fn):
     from .backend import make_backend
 
     backend = make_backend(model, engine=engine, base_url=base_url, max_model_len=max_len)  # type: ignore[arg-type]
@@ -313,7 +317,7 @@ def sft(
 
 @app.command()
 def export(
-    adapter: Annotated[Path, typer.Option(help="The adapter directory `aft-train sft` wrote.")],
+    adapter: Annotated[str, typer.Option(help="The adapter directory `aft-train sft` wrote, or a shipped adapter's name (aft).")],
     out: Annotated[Path, typer.Option(help="Output directory.")],
     merged: Annotated[bool, typer.Option("--merged/--adapter-only", help="Write a merged model (default) or copy the adapter.")] = True,
     base_model: Annotated[str | None, typer.Option(help="Base model (default: the adapter's own).")] = None,
@@ -321,8 +325,14 @@ def export(
     max_rank: Annotated[int | None, typer.Option(help="Refuse adapters above this rank (vLLM max_lora_rank).")] = None,
 ) -> None:
     """Export the adapter (served per request) or a merged model directory (a plain model path)."""
+    from aft_graph.adapters import SHIPPED_ADAPTERS, resolve_adapter
+
     from .export import export_adapter, export_merged
 
+    if adapter in SHIPPED_ADAPTERS and not Path(adapter).exists():
+        # A shipped adapter records its base model by name: the embedded model it was trained on.
+        base_model = base_model or SHIPPED_ADAPTERS[adapter].model
+    adapter = resolve_adapter(adapter)
     if merged:
         path = export_merged(adapter, out, base_model=base_model, dtype=dtype)
         typer.echo(f"merged model written to {path} (load it as a model path)")
