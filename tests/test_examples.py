@@ -12,6 +12,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
 AGENT_NOTEBOOK = EXAMPLES / "03_tool_calling_agent.ipynb"  # has its own test below
+AFT_NOTEBOOK = EXAMPLES / "04_aft_model.ipynb"  # the shipped adapter needs the default model: below
 
 
 def test_examples_are_listed_in_the_readme():
@@ -21,7 +22,7 @@ def test_examples_are_listed_in_the_readme():
         assert nb.name in readme, f"{nb.name} is missing from examples/README.md"
 
 
-@pytest.mark.parametrize("notebook", [nb for nb in NOTEBOOKS if nb != AGENT_NOTEBOOK], ids=lambda p: p.stem)
+@pytest.mark.parametrize("notebook", [nb for nb in NOTEBOOKS if nb not in (AGENT_NOTEBOOK, AFT_NOTEBOOK)], ids=lambda p: p.stem)
 def test_notebook_runs(notebook, small_model_dir, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
@@ -36,23 +37,29 @@ def test_notebook_runs(notebook, small_model_dir, monkeypatch):
     assert not [o for o in outputs if o.get("output_type") == "error"]
 
 
-def test_tool_calling_agent_notebook(tmp_path, monkeypatch):
-    """The agent's own model (default model behind vLLM's server) routes; layers reach callbacks."""
+def _run_for_results(notebook: Path, tmp_path: Path, monkeypatch, **env: str) -> dict:
+    """Execute a notebook that writes what it found to $AFT_GRAPH_EXAMPLE_RESULTS; return that."""
     import json
 
     import nbformat
     from nbclient import NotebookClient
 
+    results = tmp_path / f"{notebook.stem}.json"
+    monkeypatch.setenv("AFT_GRAPH_EXAMPLE_RESULTS", str(results))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"))
+    nb = nbformat.read(notebook, as_version=4)
+    client = NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(EXAMPLES)}})
+    client.execute()  # raises CellExecutionError, with the failing cell, on any error
+    return json.loads(results.read_text())
+
+
+def test_tool_calling_agent_notebook(tmp_path, monkeypatch):
+    """The agent's own model (default model behind vLLM's server) routes; layers reach callbacks."""
     pytest.importorskip("langchain_openai")
     pytest.importorskip("langchain.agents")
-    results = tmp_path / "agent.json"
-    monkeypatch.setenv("AFT_GRAPH_EXAMPLE_RESULTS", str(results))
-    monkeypatch.setenv("AFT_GRAPH_EXAMPLE_MAX_TOKENS", "48")
-    monkeypatch.setenv("VLLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"))
-    nb = nbformat.read(AGENT_NOTEBOOK, as_version=4)
-    client = NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": str(EXAMPLES)}})
-    client.execute()
-    out = json.loads(results.read_text())
+    out = _run_for_results(AGENT_NOTEBOOK, tmp_path, monkeypatch, AFT_GRAPH_EXAMPLE_MAX_TOKENS="48")
     # The agent's own model emitted the call to the aggregation tool (not a scripted message) ...
     assert out["hard_calls"] == ["solve_with_aggregation"]
     # ... and each layer of the aggregation reached the agent's callbacks as one aft_layer event.
@@ -60,3 +67,15 @@ def test_tool_calling_agent_notebook(tmp_path, monkeypatch):
     assert out["easy_calls"] == ["get_current_time"]
     # Routing is measured, not perfect (9/12 measured here); far above chance (1/3) all the same.
     assert len(out["routes"]) == 12 and out["routing_accuracy"] >= 0.5, out
+
+
+def test_aft_model_notebook(tmp_path, monkeypatch):
+    """The shipped AFT adapter loads by name and changes the default model's aggregations; the
+    graph streams every layer with either aggregator; the recipe's stages run at toy scale."""
+    out = _run_for_results(
+        AFT_NOTEBOOK, tmp_path, monkeypatch, AFT_GRAPH_EXAMPLE_QUESTIONS="3", AFT_GRAPH_EXAMPLE_MAX_TOKENS="160"
+    )
+    assert len(out["rows"]) == 3
+    assert out["changed"] >= 1, "the adapter did not change any greedy aggregation"
+    assert out["layers"] == {"base": [0, 1, 2, 3], "aft": [0, 1, 2, 3]}
+    assert out["toy_examples"] >= 1 and len(out["toy_losses"]) == 2

@@ -194,6 +194,23 @@ async def test_stages_chain_on_a_scripted_engine(tmp_path):
     assert all(r["aggregation_score"] == 1.0 and r["aggregation_tagged"] for r in rows)
     again = await stages.evaluate(backend, heldout, tmp_path / "heldout_base.json", lora=None, k=2, max_tokens=16, verifier=verifier)
     assert again == rows and len(backend.calls) == calls + 4  # finished work is not redone
+    assert stages.vote_scores(heldout, verifier, 2) == [1.0, 1.0]
+    assert stages.vote_scores(heldout, verifier, 1) == [1.0, 1.0]
+
+
+def test_paired_comparisons_of_the_trained_aggregator():
+    from trainer import stages
+
+    after = [{"aggregation_score": s} for s in (1.0, 1.0, 1.0, 0.0, 1.0, 1.0)]
+    before = [{"aggregation_score": s} for s in (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)]
+    paired = stages.paired_comparisons(after, before, {"majority of 3": [1.0, 1.0, 0.0, 1.0, 1.0, 1.0]})
+    untrained = paired["untrained aggregator"]
+    assert untrained["baseline"] == 0.3333 and untrained["difference"] == 0.5
+    assert (untrained["wins"], untrained["losses"]) == (3, 0)
+    assert 0.0 < untrained["low"] <= 0.5 <= untrained["high"] <= 1.0
+    vote = paired["majority of 3"]
+    assert vote["difference"] == 0.0 and (vote["wins"], vote["losses"]) == (1, 1)
+    assert vote["low"] < 0.0 < vote["high"]
 
 
 # ------------------------------------------------------------------------------ statistics
