@@ -55,3 +55,15 @@ def test_a_corrupt_pack_is_refused(tmp_path):
     with pytest.raises(ValueError, match="sha256 differs"):
         unpack(tmp_path / "data", tmp_path)
     assert not (tmp_path / "a.jsonl").exists()
+
+
+def test_heldout_results_travel_with_the_data(tmp_path):
+    run, data, fresh = tmp_path / "run", tmp_path / "data", tmp_path / "fresh"
+    run.mkdir()
+    result = json.dumps({"key": {"ids": ["a"]}, "rows": [{"id": "a", "aggregation_score": 1.0}]})
+    (run / "heldout_base.json").write_text(result)  # one document, no trailing newline
+    (run / "summary.json").write_text("{}")  # derived, regenerated: not packed
+    manifest = pack(run, data)
+    assert set(manifest["files"]) == {"heldout_base.json"}
+    assert unpack(data, fresh) == ["heldout_base.json"]
+    assert (fresh / "heldout_base.json").read_text() == result

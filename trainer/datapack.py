@@ -2,9 +2,9 @@
 
 Long recipe runs outlive a machine here (sessions end, the next one may be a new machine), so the
 data a run produced is committed: ``pack`` copies every ``.jsonl`` of the run directory (under
-``runs/``, not in git: it also holds checkpoints and models) into a data directory (under
-``data/``, in git) as ``<name>.jsonl.gz``, with ``MANIFEST.json`` (rows, bytes, sha256 of the
-uncompressed text, the recipe configuration, when); ``unpack`` restores the ``.jsonl`` files a
+``runs/``, not in git: it also holds checkpoints and models) and its held-out evaluation results
+(``heldout_*.json``) into a data directory (under ``data/``, in git) gzipped, with
+``MANIFEST.json`` (rows, bytes, sha256 of the uncompressed text, the recipe configuration, when); ``unpack`` restores the ``.jsonl`` files a
 fresh clone lacks (or holds fewer rows of), so every stage resumes where the packed data stopped
 instead of starting over.
 """
@@ -21,6 +21,9 @@ from typing import Any
 __all__ = ["pack", "unpack"]
 
 MANIFEST = "MANIFEST.json"
+_RESULTS = "heldout_*.json"
+"""Evaluation results (one JSON document each, written whole): packed too, since regenerating
+them costs as much generation as a data stage."""
 
 
 def _rows(data: bytes) -> int:
@@ -36,9 +39,10 @@ def pack(
     """
     run, dest = Path(run_dir), Path(data_dir)
     entries = {}
-    for path in sorted(run.rglob("*.jsonl")):
+    for path in sorted([*run.rglob("*.jsonl"), *run.glob(_RESULTS)]):
         data = path.read_bytes()
-        data = data[: data.rfind(b"\n") + 1]  # drop a partly written last line
+        if path.suffix == ".jsonl":
+            data = data[: data.rfind(b"\n") + 1]  # drop a partly written last line
         gz = dest / (str(path.relative_to(run)) + ".gz")
         gz.parent.mkdir(parents=True, exist_ok=True)
         # mtime=0: the same data gives the same bytes, so git sees no change on a re-pack.
