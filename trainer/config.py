@@ -354,7 +354,13 @@ class DemoConfig(_Config):
         "later run with a higher limit or none continues where it stopped).",
     )
     steps: int = Field(30, ge=1, description="SFT optimizer steps.")
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, description="SFT examples per forward pass.")
+    grad_accum: int = Field(
+        1, ge=1,
+        description="Forward passes per optimizer step (examples per step: batch_size x "
+        "grad_accum). Long aggregation prompts need a small batch_size: the logits of a 150k "
+        "vocabulary take about 0.6 MB per token in float32.",
+    )
     learning_rate: float = Field(5e-4, gt=0)
     lora_r: int = Field(8, ge=1, le=16)
     max_model_len: int = Field(2048, ge=256, description="vLLM context window.")

@@ -61,11 +61,12 @@ def pack(
     old = dest / MANIFEST
     if old.is_file():
         previous = json.loads(old.read_text())
-        manifest["history"] = previous.get("history", []) + [
-            {"packed_at": previous.get("packed_at"), "rows": {
-                k: v["rows"] for k, v in previous.get("files", {}).items()
-            }}
-        ]  # fmt: skip
+        rows = {k: v["rows"] for k, v in previous.get("files", {}).items()}
+        history = previous.get("history", [])
+        # A stage that added nothing (a resumed run re-packs after every stage) is not history.
+        if not history or history[-1]["rows"] != rows:
+            history = [*history, {"packed_at": previous.get("packed_at"), "rows": rows}]
+        manifest["history"] = history
     old.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -206,6 +206,7 @@ def _sft_config(config: DemoConfig, out: Path) -> SFTConfig:
         output_dir=out / "sft",
         max_steps=config.steps,
         batch_size=config.batch_size,
+        grad_accum=config.grad_accum,
         learning_rate=config.learning_rate,
         lora_r=config.lora_r,
         lora_alpha=2 * config.lora_r,
