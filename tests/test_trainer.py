@@ -724,3 +724,31 @@ class TestCli:
         r = CliRunner().invoke(app, ["--help"])
         for command in ("proposals", "select", "aggregations", "sft", "export", "demo"):
             assert command in r.output
+
+
+class TestTargetLoss:
+    def test_equals_the_models_own_loss_with_logits_only_at_targets(self, small_model_dir):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from trainer.sft import CompletionCollator
+        from trainer.target_loss import target_loss, target_positions
+
+        model = AutoModelForCausalLM.from_pretrained(small_model_dir, dtype=torch.float32).eval()
+        gen = torch.Generator().manual_seed(0)
+        rows = []
+        for length, prompt in ((40, 30), (25, 12)):  # different lengths: padding in the batch
+            ids = torch.randint(5, 1000, (length,), generator=gen).tolist()
+            rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "attention_mask": [1] * length})
+        batch = CompletionCollator(0)(rows)
+        keep = target_positions(batch["labels"])
+        assert keep.tolist() == [*range(11, 24), *range(29, 39)]  # position t predicts token t + 1
+        with torch.no_grad():
+            ours, outputs = target_loss(model, batch)
+            theirs = model(**batch).loss
+            assert outputs.logits.shape[1] == len(keep)
+            assert torch.allclose(ours, theirs, atol=1e-5), (ours, theirs)
+            # with the Trainer's count of an accumulated step: the sum over this batch / that count
+            n = (batch["labels"][:, 1:] != -100).sum()
+            halved, _ = target_loss(model, batch, num_items_in_batch=2 * n)
+            assert torch.allclose(halved, theirs / 2, atol=1e-5)

@@ -10,7 +10,8 @@ the assistant header) and equal ``input_ids`` on the target's tokens (the aggreg
 end-of-turn token): the prompt and the full conversation are tokenized separately and the prompt's
 length is masked, like trl's completion-only loss.
 
-Training is the transformers ``Trainer`` with a peft LoRA model, so ``accelerate launch`` scales it
+Training is the transformers ``Trainer`` with a peft LoRA model (its loss computes vocabulary
+logits only at target positions: :mod:`trainer.target_loss`), so ``accelerate launch`` scales it
 across devices and machines; checkpoints go to ``<output_dir>/checkpoints`` and a rerun resumes
 from the last one. The final adapter is written to ``<output_dir>/adapter``.
 """
@@ -31,6 +32,7 @@ from ._models import load_causal_lm
 from .aggregations import get_template
 from .config import SFTConfig
 from .records import AggregationRecord, DataReport, Proposal, TaskRecord, read_records
+from .target_loss import target_logits_trainer
 
 __all__ = [
     "IGNORE_INDEX",
@@ -346,7 +348,7 @@ def train_sft(
     """
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
     started = time.monotonic()
@@ -402,7 +404,7 @@ def train_sft(
         dataloader_num_workers=0,
     )
     callbacks = [_rich_callback()] if show_progress else []
-    trainer = Trainer(
+    trainer = target_logits_trainer()(
         model=model,
         args=args,
         train_dataset=_ListDataset(examples),
