@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/aft-graph run "$(DEMO_QUESTION)" --proposals 4 --layers 1 --aggregator aft
+	$(BIN)/aft-graph run "$(DEMO_QUESTION)" --proposals 4 --layers 1
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

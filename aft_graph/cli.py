@@ -142,7 +142,7 @@ def run(
     max_tokens: Annotated[int, typer.Option(help="New tokens per call.")] = 384,
     temperature: Annotated[float, typer.Option(help="Proposer temperature.")] = 0.7,
     seed: Annotated[int, typer.Option(help="Base seed.")] = 0,
-    lora: Annotated[str | None, typer.Option("--aggregator", "--lora", help="LoRA adapter of the aggregation calls: 'aft' (the shipped AFT aggregator of the default model) or an adapter directory.")] = None,
+    lora: Annotated[str | None, typer.Option("--aggregator", "--lora", help="LoRA adapter of the aggregation calls: a shipped adapter's name (see `aft-graph adapter`) or an adapter directory.")] = None,
     max_model_len: Annotated[int, typer.Option(help="Context window of the in-process engine.")] = 4096,
     select: Annotated[str | None, typer.Option(help="Final pick: last, majority, confidence, usc or behaviour (default: per strategy).")] = None,
     early_exit: Annotated[bool, typer.Option("--early-exit", help="Stop after a layer whose answers all agree.")] = False,
@@ -282,7 +282,7 @@ def serve(
     max_concurrency: Annotated[int, typer.Option(help="Requests running at once; more get 429 with Retry-After.")] = 4,
     request_timeout: Annotated[float, typer.Option(help="Seconds a request may run before it is cancelled (504).")] = 600.0,
     max_tokens: Annotated[int, typer.Option(help="Tokens per call when a request gives no max_tokens.")] = 512,
-    lora: Annotated[str | None, typer.Option("--aggregator", "--lora", help="LoRA adapter of the aggregation calls: 'aft' (the shipped AFT aggregator of the default model) or an adapter directory.")] = None,
+    lora: Annotated[str | None, typer.Option("--aggregator", "--lora", help="LoRA adapter of the aggregation calls: a shipped adapter's name (see `aft-graph adapter`) or an adapter directory.")] = None,
     max_model_len: Annotated[int, typer.Option(help="Context window of the in-process engine.")] = 4096,
     verbose: _Verbose = False,
 ) -> None:

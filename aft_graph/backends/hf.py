@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..adapters import SHIPPED_ADAPTERS, is_shipped
 from ._tokenizer import TokenizerMixin
 from .base import (
     BackendError,
@@ -186,7 +187,10 @@ class HFBackend(TokenizerMixin):
                 yield
             return
         if lora not in self._adapters:
-            self._load_adapter(lora, lora)  # a directory given directly, loaded on first use
+            from ..adapters import resolve_adapter
+
+            # A shipped adapter by name ("aft") or a directory given directly, on first use.
+            self._load_adapter(lora, resolve_adapter(lora, model_path=self.model_path))
         self.model.set_adapter(self._adapters[lora])
         yield
 
@@ -199,10 +203,12 @@ class HFBackend(TokenizerMixin):
             request.lora is not None
             and request.lora not in self._adapters
             and not (Path(request.lora) / "adapter_config.json").is_file()
+            and not is_shipped(request.lora)
         ):
             raise BackendError(
                 f"unknown LoRA adapter {request.lora!r}: pass adapters={{name: dir}} to HFBackend, "
-                "call register_adapter(name, dir), or give the adapter directory itself"
+                "call register_adapter(name, dir), give the adapter directory itself, or name a "
+                f"shipped adapter ({', '.join(SHIPPED_ADAPTERS)})"
             )
         ids = self.encode_prompt(request)
         max_tokens = check_fits(len(ids), request.sampling, self.context_window)

@@ -290,8 +290,11 @@ class VLLMBackend(TokenizerMixin):
         if lora is None:
             return None
         if lora not in self._loras:
-            # A directory given directly is registered under its own path as the name.
-            self.register_adapter(lora, lora)
+            from ..adapters import resolve_adapter
+
+            # A shipped adapter by name ("aft": hash-checked, refused on another model) or a
+            # directory given directly, registered under the name it was given as.
+            self.register_adapter(lora, resolve_adapter(lora, model_path=self.model_path))
         return self._loras[lora]
 
     def _prompt_renderer(self) -> Any:
