@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..adapters import SHIPPED_ADAPTERS, is_shipped
+from ..adapters import SHIPPED_ADAPTERS, is_shipped, resolve_adapter
 from ._tokenizer import TokenizerMixin
 from .base import (
     BackendError,
@@ -187,8 +187,6 @@ class HFBackend(TokenizerMixin):
                 yield
             return
         if lora not in self._adapters:
-            from ..adapters import resolve_adapter
-
             # A shipped adapter by name ("aft") or a directory given directly, on first use.
             self._load_adapter(lora, resolve_adapter(lora, model_path=self.model_path))
         self.model.set_adapter(self._adapters[lora])

@@ -34,10 +34,14 @@ def strategy_label(config: AggregateConfig) -> str:
     if s == "self_refine":
         return f"refine_L{config.layers}"
     if s == "rsa":
-        label = f"rsa_N{config.population}_K{config.subset_size}_T{config.steps}"
-        return label + (f"_{Path(config.aggregator_lora).name}" if config.aggregator_lora else "")
+        return f"rsa_N{config.population}_K{config.subset_size}_T{config.steps}" + _adapter_suffix(config)
     label = f"aft_K{config.proposals}_L{config.layers}" + ("_1f" if config.single_final_aggregation else "")
-    return label + (f"_{Path(config.aggregator_lora).name}" if config.aggregator_lora else "")
+    return label + _adapter_suffix(config)
+
+
+def _adapter_suffix(config: AggregateConfig) -> str:
+    """``_<adapter name>`` for a trained aggregator, so it sits beside the untrained one."""
+    return f"_{Path(config.aggregator_lora).name}" if config.aggregator_lora else ""
 
 
 def expected_calls(config: AggregateConfig) -> int:
