@@ -155,6 +155,28 @@ async def test_shared_samples_generate_once_but_count_for_each(tmp_path):
     assert (diff["strategy"], diff["reference"], diff["n"], diff["diff"]) == ("aft", "sc", 2, 0.0)
 
 
+async def test_confidence_vote_shares_the_plain_votes_samples(tmp_path):
+    """A confidence-weighted vote and a plain one count the same samples, generated once with
+    log-probabilities (a backend without them: nothing asks for them)."""
+    strategies = {
+        "sc": AggregateConfig(strategy="self_consistency", proposals=3, proposer=SAMPLING, seed=0),
+        "sc+conf": AggregateConfig(
+            strategy="self_consistency", proposals=3, proposer=SAMPLING, seed=0, select="confidence"
+        ),
+    }
+    backend = _scripted()
+    summary = await evaluate(backend, TASKS, strategies, tmp_path, progress=False, plots=False)
+    assert len(backend.calls) == 2 * 3 and all(r.sampling.logprobs for r in backend.calls)
+    assert summary["shared_samples"] == {"generated": 6, "reused": 6}
+    recs = {(r["strategy"], r["task_id"]): r for r in load_records(tmp_path)}
+    for q in ("q1", "q2"):
+        assert recs[("sc", q)]["layers"][0]["texts"] == recs[("sc+conf", q)]["layers"][0]["texts"]
+    without = await evaluate(
+        _scripted(logprobs=False), TASKS, {"sc": strategies["sc"]}, tmp_path / "plain", progress=False, plots=False
+    )
+    assert without["shared_samples"] == {"generated": 6, "reused": 0}  # no log-probabilities asked
+
+
 async def test_resume_skips_finished_questions(tmp_path):
     strategies = {"aft": _aft(), "sc": AggregateConfig(strategy="self_consistency", proposals=3, proposer=SAMPLING)}
     # first run: q2 fails under AFT (every call of its proposal layer fails)

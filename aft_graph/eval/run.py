@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..backends.base import Backend, BackendError, Completion, GenerationRequest
+from ..backends.base import Backend, BackendError, Completion, GenerationRequest, supports_logprobs
 from ..config import AggregateConfig
 from ..graph import RewardFn, build_graph
 from ..tasks import Suite, Task, ascore, proxy_reward, vote_key
@@ -51,6 +51,11 @@ class _SharedSamples:
     same texts. Generating them once saves compute and makes the comparison paired: AFT aggregates
     exactly the proposals self-consistency votes over. Reported compute still counts every call, as
     if each strategy had run alone.
+
+    On a backend that returns log-probabilities, every shared request asks for them: they come with
+    the same sampled tokens (a seeded sample does not depend on whether its log-probabilities are
+    returned), so a confidence-weighted strategy votes over exactly the samples the plain vote
+    counts. Callers that did not ask get their completions without them.
     """
 
     def __init__(self, backend: Backend) -> None:
@@ -65,11 +70,16 @@ class _SharedSamples:
     async def generate(self, request: GenerationRequest) -> list[Completion]:
         if request.sampling.seed is None and request.sampling.temperature > 0:
             return await self._backend.generate(request)  # unseeded samples must stay independent
+        wants_logprobs = request.sampling.logprobs
+        if supports_logprobs(self._backend):
+            request = request.model_copy(
+                update={"sampling": request.sampling.model_copy(update={"logprobs": True})}
+            )
         key = request.model_dump_json()
         future = self._memo.get(key)
         if future is not None:
             self.reused += 1
-            return await asyncio.shield(future)
+            return _without_logprobs(await asyncio.shield(future), keep=wants_logprobs)
         future = asyncio.get_running_loop().create_future()
         self._memo[key] = future
         try:
@@ -81,7 +91,13 @@ class _SharedSamples:
             raise
         self.generated += 1
         future.set_result(result)
-        return result
+        return _without_logprobs(result, keep=wants_logprobs)
+
+
+def _without_logprobs(completions: list[Completion], *, keep: bool) -> list[Completion]:
+    if keep:
+        return completions
+    return [c.model_copy(update={"token_logprobs": None}) for c in completions]
 
 
 def load_records(out_dir: str | Path) -> list[dict[str, Any]]:
