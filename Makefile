@@ -13,7 +13,7 @@ EXTRAS ?= cpu,models,train,eval,serve,deploy,dev
 DEMO_QUESTION ?= A shop sells pens at 3 dollars each and notebooks at 5 dollars each. Mia buys 4 pens and 3 notebooks and pays with a 50 dollar bill. How much change does she get? Put the final answer in \boxed{}.
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench bench-throughput llama-server train-aft train-demo eval-demo lint clean
+.PHONY: setup demo test test-fast bench bench-throughput bench-startup llama-server train-aft train-demo eval-demo lint clean
 
 $(STAMP): pyproject.toml Makefile
 	@echo "==> creating $(VENV) and installing aft-graph[$(EXTRAS)] (first time: a few minutes, ~4 GB)"
@@ -61,6 +61,9 @@ llama-server: $(LLAMA_DIR)/bin/llama-server
 
 bench-throughput: setup llama-server
 	$(BIN)/python benchmarks/aggregation_throughput.py --out docs/engines.md
+
+bench-startup: setup
+	$(BIN)/python benchmarks/startup.py --out docs/engines.md
 
 # The AFT aggregator for the default model (hours on a CPU): resumable, and its data is packed into
 # data/aft-default/run after every stage (commit it to continue on another machine).

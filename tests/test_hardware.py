@@ -85,6 +85,35 @@ def test_engine_args_follow_the_profile(monkeypatch):
     assert int(env["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"]) > 300
 
 
+def test_server_command_computes_like_the_in_process_engine(monkeypatch, tmp_path):
+    """`aft-graph engine`'s server gets VLLMBackend's dtype, scheduler settings and binding."""
+    pytest.importorskip("vllm")
+    from vllm.platforms import current_platform
+
+    from aft_graph.backends import vllm as vllm_backend
+
+    if not current_platform.is_cpu():
+        pytest.skip("CPU defaults only")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    monkeypatch.setattr(vllm_backend, "cpu_profile", lambda: CPUProfile(flags=frozenset({"amx_bf16"}), cpus=(0, 1)))
+    argv, env = vllm_backend.server_command(model, port=8123, max_model_len=1024, loras={"mine": adapter})
+    flags = " ".join(argv)
+    assert "--dtype bfloat16" in flags and "--port 8123" in flags and f"--model {model}" in flags
+    assert "--no-enable-chunked-prefill" in flags and "--max-num-batched-tokens 8192" in flags
+    assert flags.endswith(f"--lora-modules mine={adapter}")
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0,1"
+    monkeypatch.setattr(vllm_backend, "cpu_profile", lambda: CPUProfile(flags=frozenset({"avx2"}), cpus=(0, 1)))
+    argv, _ = vllm_backend.server_command(model)
+    assert "--dtype float32" in " ".join(argv) and "--enable-lora" not in argv
+    with pytest.raises(ValueError, match="neither a shipped adapter"):
+        vllm_backend.server_command(model, loras={"x": tmp_path / "missing"})
+
+
 def test_user_environment_wins(monkeypatch):
     import os
 

