@@ -282,6 +282,8 @@ async def test_recipe_runs_the_stages_and_resumes(tmp_path, monkeypatch):
     assert summary["rewards"]["training_examples"] == 4 and trained[0].seed == config.seed
     assert summary["heldout"]["questions"] == 2 and summary["heldout"]["aggregator_after"] == 1.0
     assert summary["sft"]["first_loss"] == 0.9 and len(summary["graph"]) == 2
+    # the scripted aggregator restates proposal 0 (the right one) verbatim: counted as a copy
+    assert summary["heldout"]["copies_before"] == summary["heldout"]["copies_after"] == 2
     report = (tmp_path / "report.md").read_text()
     assert "# AFT training run" in report and "basic_arithmetic + chain_sum" in report
     assert json.loads((tmp_path / "summary.json").read_text())["heldout"] == summary["heldout"]

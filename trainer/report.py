@@ -21,6 +21,11 @@ def accuracy(rows: Sequence[dict[str, Any]], key: str) -> float:
     return sum(r[key] >= 1.0 if isinstance(r[key], float) else bool(r[key]) for r in rows) / max(len(rows), 1)
 
 
+def _copies(rows: list[dict[str, Any]], heldout: list[Any], k: int) -> int:
+    texts = {r.id: {t.strip() for t in r.texts()[:k]} for r in heldout}
+    return sum(row["aggregation"].strip() in texts.get(row["id"], ()) for row in rows)
+
+
 def build_summary(
     config: dict[str, Any],
     out: Path,
@@ -42,6 +47,7 @@ def build_summary(
 ) -> dict[str, Any]:
     """Everything a run measured, as plain JSON (what ``summary.json`` holds)."""
     k = config["k"]
+    agg_k = config.get("aggregation_k") or k  # the proposals the evaluated aggregator read
     losses = sft_result.losses
     window = max(1, min(5, len(losses) // 4))
     return {
@@ -79,6 +85,9 @@ def build_summary(
             "direct_before": accuracy(before, "direct_score"),
             "direct_after": accuracy(after, "direct_score"),
             "outputs_changed": sum(b["aggregation"] != a["aggregation"] for b, a in zip(before, after, strict=True)),
+            # An aggregator that only restates an input can at best pick: how often each did.
+            "copies_before": _copies(before, heldout, agg_k),
+            "copies_after": _copies(after, heldout, agg_k),
             "paired": paired or {},
         },
         "merged": {"dir": str(merged_dir) if merged_dir else None, "first_output": merged_text},
@@ -227,7 +236,8 @@ def render_report(s: dict[str, Any]) -> str:
         f"before and {_fmt(h['aggregator_after_strict'])} after. "
         f"Aggregations stating an `<answer>` tag: {_fmt(h['tagged_before'])} before, "
         f"{_fmt(h['tagged_after'])} after; greedy aggregations changed by the adapter: "
-        f"{h['outputs_changed']}/{h['questions']}.",
+        f"{h['outputs_changed']}/{h['questions']}. Aggregations that are a verbatim copy of one of "
+        f"their proposals: {h.get('copies_before', '?')} before, {h.get('copies_after', '?')} after.",
         "",
         *_paired_lines(h.get("paired") or {}),
         "## Outputs before / after",
