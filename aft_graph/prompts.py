@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 __all__ = [
     "AFT_TEMPLATE",
+    "AFT_VOTE_TEMPLATE",
     "REFINE_TEMPLATE",
     "RSA_TEMPLATE",
     "TEMPLATES",
@@ -29,7 +30,9 @@ class PromptTemplate(BaseModel):
 
     Attributes:
         system: Optional system message.
-        user: The user turn; must contain ``{question}`` and ``{proposals}``.
+        user: The user turn; must contain ``{question}`` and ``{proposals}``; may contain
+            ``{votes}``, replaced by how many proposals state each extracted answer (the vote the
+            aggregator should beat, given to it as evidence: :func:`vote_summary`).
         proposal: How one proposal is written; ``{index}`` (1-based) and ``{text}``. Each proposal is
             wrapped in explicit tags so the model (and a reader) can tell where one ends.
         separator: Between proposals.
@@ -59,7 +62,10 @@ class PromptTemplate(BaseModel):
     def render(self, question: str, proposals: Sequence[str]) -> list[Message]:
         """Chat messages for one aggregation call."""
         # str.replace, not str.format: questions and proposals may hold braces (code, LaTeX).
-        user = self.user.replace("{proposals}", self.format_proposals(proposals)).replace(
+        user = self.user
+        if "{votes}" in user:
+            user = user.replace("{votes}", vote_summary(proposals))
+        user = user.replace("{proposals}", self.format_proposals(proposals)).replace(
             "{question}", question.strip()
         )
         messages = [{"role": "system", "content": self.system}] if self.system else []
@@ -75,6 +81,15 @@ AFT_TEMPLATE = PromptTemplate(
         "refined, accurate and comprehensive reply that follows the query's instructions."
     ),
     user="Query:\n{question}\n\nResponses:\n{proposals}\n\nWrite your own best answer to the query.",
+)
+
+AFT_VOTE_TEMPLATE = PromptTemplate(
+    system=AFT_TEMPLATE.system,
+    user=(
+        "Query:\n{question}\n\nResponses:\n{proposals}\n\nFinal answers stated: {votes}. The "
+        "most frequent answer is not always right: check the responses' reasoning.\n\nWrite your "
+        "own best answer to the query."
+    ),
 )
 
 RSA_TEMPLATE = PromptTemplate(
@@ -97,7 +112,42 @@ REFINE_TEMPLATE = PromptTemplate(
     proposal="{text}",
 )
 
-TEMPLATES: dict[str, PromptTemplate] = {"aft": AFT_TEMPLATE, "rsa": RSA_TEMPLATE, "refine": REFINE_TEMPLATE}
+TEMPLATES: dict[str, PromptTemplate] = {
+    "aft": AFT_TEMPLATE,
+    "aft-vote": AFT_VOTE_TEMPLATE,
+    "rsa": RSA_TEMPLATE,
+    "refine": REFINE_TEMPLATE,
+}
+
+
+def vote_summary(proposals: Sequence[str]) -> str:
+    """How many proposals state each answer, most frequent first (equivalent forms grouped), e.g.
+    ``"12 (2 of 3 responses), 15 (1 of 3)"``. Only answers stated in a final-answer format count
+    (an ``<answer>`` tag or ``\\boxed{}``): the rest are "no clear answer", since a last line of
+    prose is not a claim the aggregator should weigh."""
+    from .answers import answers_match, extract_answer
+
+    groups: list[list[str]] = []
+    missing = 0
+    for text in proposals:
+        answer = extract_answer(text, "tag") or extract_answer(text, "boxed")
+        if answer is None:
+            missing += 1
+            continue
+        for group in groups:
+            if answers_match(group[0], answer):
+                group.append(answer)
+                break
+        else:
+            groups.append([answer])
+    n = len(proposals)
+    parts = [
+        f"{g[0]} ({len(g)} of {n} responses)" if i == 0 else f"{g[0]} ({len(g)} of {n})"
+        for i, g in enumerate(sorted(groups, key=len, reverse=True))
+    ]
+    if missing:
+        parts.append(f"no clear answer ({missing} of {n})")
+    return ", ".join(parts) or "none"
 
 
 def proposal_messages(question: str, *, system: str | None = None) -> list[Message]:

@@ -194,6 +194,14 @@ async def test_stages_chain_on_a_scripted_engine(tmp_path):
     assert all(r["aggregation_score"] == 1.0 and r["aggregation_tagged"] for r in rows)
     again = await stages.evaluate(backend, heldout, tmp_path / "heldout_base.json", lora=None, k=2, max_tokens=16, verifier=verifier)
     assert again == rows and len(backend.calls) == calls + 4  # finished work is not redone
+    # a prompt ablation: the vote-evidence template, aggregations only, cached apart from the rest
+    voted = await stages.evaluate(
+        backend, heldout, tmp_path / "heldout_aft-vote.json", lora=None, k=2, max_tokens=16,
+        verifier=verifier, template="aft-vote", direct=False,
+    )  # fmt: skip
+    new_calls = backend.calls[calls + 4 :]
+    assert len(new_calls) == 2 and all("Final answers stated:" in c.messages[-1]["content"] for c in new_calls)
+    assert all("direct" not in r and r["aggregation_score"] == 1.0 for r in voted)
     assert stages.vote_scores(heldout, verifier, 2) == [1.0, 1.0]
     assert stages.vote_scores(heldout, verifier, 1) == [1.0, 1.0]
 

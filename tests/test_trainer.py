@@ -752,3 +752,14 @@ class TestTargetLoss:
             n = (batch["labels"][:, 1:] != -100).sum()
             halved, _ = target_loss(model, batch, num_items_in_batch=2 * n)
             assert torch.allclose(halved, theirs / 2, atol=1e-5)
+
+
+def test_vote_summary_groups_equivalent_answers_most_frequent_first():
+    from aft_graph.prompts import AFT_VOTE_TEMPLATE, vote_summary
+
+    texts = ["<answer>15</answer>", "so \\boxed{12}", "<answer>12.0</answer>", "I am not sure."]
+    assert vote_summary(texts) == "12 (2 of 4 responses), 15 (1 of 4), no clear answer (1 of 4)"
+    assert vote_summary([]) == "none"
+    user = aggregation_messages("Q?", texts[:3], AFT_VOTE_TEMPLATE)[-1]["content"]
+    assert "Final answers stated: 12 (2 of 3 responses), 15 (1 of 3)." in user
+    assert user.index("<response id=\"3\">") < user.index("Final answers stated")

@@ -10,6 +10,7 @@ Stages read and write jsonl and resume when rerun::
     aft-train sft --data data/aggregations.jsonl --out runs/aft --model small
     aft-train export --adapter runs/aft/adapter --out runs/aft/merged --merged
     aft-train demo --out runs/train-demo
+    aft-train heldout --config recipes/aft-default.json --template aft-vote   # a prompt ablation
 
 Every command also takes ``--config FILE.json`` with fields of its configuration class
 (:mod:`trainer.config`); options given on the command line win. ``accelerate launch -m trainer sft
@@ -375,6 +376,72 @@ def demo(
         f"{h['aggregator_before']:.2f} -> {h['aggregator_after']:.2f}; "
         f"total {summary['timings_s']['total']} s"
     )
+
+
+@app.command()
+def heldout(
+    config: Annotated[Path, typer.Option("--config", help="The recipe's JSON file (its run directory, data directory, model, widths and token budget).")],
+    template: Annotated[str, typer.Option(help="Aggregation prompt (aft_graph.prompts.TEMPLATES): aft, aft-vote, rsa.")] = "aft",
+    adapter: Annotated[str | None, typer.Option(help="Aggregator adapter: a shipped adapter's name or a directory (default: the base model).")] = None,
+) -> None:
+    """Ablate the aggregator on a recipe's stored held-out proposals: greedy aggregation with another
+    prompt and/or adapter, paired against the recipe's untrained aggregator and the votes of the
+    same proposals. Rows go to the run directory and are packed into the data directory."""
+    from aft_graph.adapters import resolve_adapter
+    from aft_graph.prompts import TEMPLATES
+    from aft_graph.tasks import Verifier
+
+    from . import datapack, stages
+    from .backend import make_backend
+    from .records import ProposalRecord, read_records
+
+    cfg = _build(DemoConfig, config)
+    if template not in TEMPLATES:
+        raise typer.BadParameter(f"unknown template {template!r}: choose from {sorted(TEMPLATES)}")
+    out = Path(cfg.out)
+    if cfg.data_dir is not None:
+        datapack.unpack(cfg.data_dir, out)
+    base_rows = out / "heldout_base.json"
+    if not (out / "eval_proposals.jsonl").is_file() or not base_rows.is_file():
+        raise typer.BadParameter(
+            f"{out} has no held-out proposals or untrained-aggregator rows: run `aft-train demo "
+            f"--config {config}` (or `make train-aft`) through its 'evaluation before' stage first"
+        )
+    records = list(read_records(out / "eval_proposals.jsonl", ProposalRecord))
+    verifier = Verifier("auto", last_number=cfg.last_number)
+    k = cfg.aggregation_k or cfg.k
+    lora = str(resolve_adapter(adapter)) if adapter else None
+    name = f"heldout_{template}" + (f"_{Path(adapter).name}" if adapter else "") + ".json"
+
+    async def main() -> list[dict[str, Any]]:
+        backend = make_backend(cfg.model, max_model_len=cfg.max_model_len)
+        try:
+            return await stages.evaluate(
+                backend, records, out / name, lora=lora, k=k, max_tokens=cfg.aggregation_tokens,
+                verifier=verifier, strict=Verifier("auto"), template=template, direct=False,
+            )  # fmt: skip
+        finally:
+            await backend.aclose()
+
+    _terminate_gracefully()
+    rows = asyncio.run(main())
+    before = json.loads(base_rows.read_text())["rows"]
+    n_all = cfg.heldout_samples or cfg.k
+    votes = {f"majority of {k}": stages.vote_scores(records, verifier, k)}
+    if n_all != k:
+        votes[f"majority of {n_all}"] = stages.vote_scores(records, verifier, n_all)
+    paired = stages.paired_comparisons(rows, before, votes)
+    if cfg.data_dir is not None:
+        datapack.pack(out, cfg.data_dir, config=json.loads(cfg.model_dump_json()))
+    accuracy = sum(r["aggregation_score"] >= 1.0 for r in rows) / len(rows)
+    typer.echo(f"{name}: aggregator accuracy {accuracy:.3f} on {len(rows)} held-out queries")
+    typer.echo("| baseline | baseline accuracy | this minus baseline | 95% interval | wins / losses |")
+    typer.echo("|---|---|---|---|---|")
+    for base, p in paired.items():
+        typer.echo(
+            f"| {base} | {p['baseline']:.3f} | {p['difference']:+.3f} | "
+            f"[{p['low']:+.3f}, {p['high']:+.3f}] | {p['wins']} / {p['losses']} |"
+        )
 
 
 if __name__ == "__main__":  # `python -m trainer.cli` / `accelerate launch -m trainer.cli sft ...`

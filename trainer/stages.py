@@ -23,7 +23,7 @@ from typing import Any
 
 from aft_graph.answers import extract_answer, majority_vote
 from aft_graph.backends.base import Backend, GenerationRequest, Sampling
-from aft_graph.prompts import AFT_TEMPLATE, aggregation_messages, proposal_messages
+from aft_graph.prompts import TEMPLATES, aggregation_messages, proposal_messages
 from aft_graph.tasks import TaskSpec, Verifier, assert_disjoint, evaluation_suites
 
 from ._run import bounded_map
@@ -285,15 +285,22 @@ async def evaluate(
     max_tokens: int,
     verifier: Verifier,
     strict: Verifier | None = None,
+    template: str = "aft",
+    direct: bool = True,
 ) -> list[dict[str, Any]]:
     """Greedy aggregation of the first ``k`` proposals (and a greedy direct answer) for every
     held-out record, scored; rows are cached in ``out`` (a JSON file) for the same records and
     settings.
 
     ``strict`` (optional) scores the aggregation a second time, e.g. requiring the answer tag.
+    ``template`` names the aggregation prompt (:data:`aft_graph.prompts.TEMPLATES`); ``direct=False``
+    skips the direct answer (a prompt ablation needs only the aggregations).
     """
     out = Path(out)
+    prompt = TEMPLATES[template]
     key = {"ids": [r.id for r in records], "lora": lora, "k": k, "max_tokens": max_tokens}
+    if template != "aft" or not direct:  # earlier caches (AFT prompt, with direct) stay valid
+        key |= {"template": template, "direct": direct}
     if out.is_file():
         saved = json.loads(out.read_text())
         if saved.get("key") == key:
@@ -302,24 +309,27 @@ async def evaluate(
     greedy = Sampling(temperature=0.0, max_tokens=max_tokens)
 
     async def one(record: ProposalRecord) -> dict[str, Any]:
-        messages = aggregation_messages(record.question, record.texts()[:k], AFT_TEMPLATE)
-        agg, direct = await asyncio.gather(
-            backend.generate(GenerationRequest(messages=tuple(messages), sampling=greedy, lora=lora)),
-            backend.generate(
-                GenerationRequest(
-                    messages=tuple(proposal_messages(record.question)), sampling=greedy, lora=lora
+        messages = aggregation_messages(record.question, record.texts()[:k], prompt)
+        calls = [backend.generate(GenerationRequest(messages=tuple(messages), sampling=greedy, lora=lora))]
+        if direct:
+            calls.append(
+                backend.generate(
+                    GenerationRequest(
+                        messages=tuple(proposal_messages(record.question)), sampling=greedy, lora=lora
+                    )
                 )
-            ),
-        )
-        return {
+            )
+        agg, *rest = await asyncio.gather(*calls)
+        row = {
             "id": record.id,
             "aggregation": agg[0].text,
             "aggregation_score": verifier.score(record, agg[0].text),
             "aggregation_strict": strict.score(record, agg[0].text),
             "aggregation_tagged": extract_answer(agg[0].text, "tag") is not None,
-            "direct": direct[0].text,
-            "direct_score": verifier.score(record, direct[0].text),
         }
+        if rest:
+            row |= {"direct": rest[0][0].text, "direct_score": verifier.score(record, rest[0][0].text)}
+        return row
 
     rows: dict[str, dict[str, Any]] = {}
     # Many questions at once: the engine's throughput grows with the batch (greedy outputs do not
