@@ -19,6 +19,7 @@ __all__ = [
     "Vote",
     "answers_match",
     "extract_answer",
+    "group_answers",
     "majority_vote",
     "normalize_text",
 ]
@@ -125,8 +126,9 @@ class Vote:
     total: int
 
 
-def majority_vote(answers: Sequence[str | None]) -> Vote:
-    """Group equivalent answers and return the largest group (ties: the earliest)."""
+def group_answers(answers: Sequence[str | None]) -> list[list[int]]:
+    """Indices of equivalent answers, grouped (:func:`answers_match`), groups in order of first
+    appearance; ``None`` (no answer stated) is in no group."""
     groups: list[list[int]] = []
     for i, ans in enumerate(answers):
         if ans is None:
@@ -137,6 +139,12 @@ def majority_vote(answers: Sequence[str | None]) -> Vote:
                 break
         else:
             groups.append([i])
+    return groups
+
+
+def majority_vote(answers: Sequence[str | None]) -> Vote:
+    """Group equivalent answers and return the largest group (ties: the earliest)."""
+    groups = group_answers(answers)
     total = sum(len(g) for g in groups)
     if not groups:
         return Vote(None, None, 0, 0)

@@ -99,19 +99,9 @@ def consensus(answers: Sequence[str | None], agreement: float = 1.0, *, minimum:
 
 def answer_counts(answers: Sequence[str | None]) -> list[int]:
     """Sizes of the groups of equivalent answers, largest first (texts without an answer left out)."""
-    from .answers import answers_match
+    from .answers import group_answers
 
-    groups: list[list[str]] = []
-    for ans in answers:
-        if ans is None:
-            continue
-        for group in groups:
-            if answers_match(group[0], ans):
-                group.append(ans)
-                break
-        else:
-            groups.append([ans])
-    return sorted((len(g) for g in groups), reverse=True)
+    return sorted((len(g) for g in group_answers(answers)), reverse=True)
 
 
 def beta_stop_probability(v1: int, v2: int) -> float:

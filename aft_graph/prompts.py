@@ -125,25 +125,15 @@ def vote_summary(proposals: Sequence[str]) -> str:
     ``"12 (2 of 3 responses), 15 (1 of 3)"``. Only answers stated in a final-answer format count
     (an ``<answer>`` tag or ``\\boxed{}``): the rest are "no clear answer", since a last line of
     prose is not a claim the aggregator should weigh."""
-    from .answers import answers_match, extract_answer
+    from .answers import extract_answer, group_answers
 
-    groups: list[list[str]] = []
-    missing = 0
-    for text in proposals:
-        answer = extract_answer(text, "tag") or extract_answer(text, "boxed")
-        if answer is None:
-            missing += 1
-            continue
-        for group in groups:
-            if answers_match(group[0], answer):
-                group.append(answer)
-                break
-        else:
-            groups.append([answer])
+    answers = [extract_answer(t, "tag") or extract_answer(t, "boxed") for t in proposals]
+    groups = sorted(group_answers(answers), key=len, reverse=True)  # stable: ties keep first-seen
+    missing = sum(a is None for a in answers)
     n = len(proposals)
     parts = [
-        f"{g[0]} ({len(g)} of {n} responses)" if i == 0 else f"{g[0]} ({len(g)} of {n})"
-        for i, g in enumerate(sorted(groups, key=len, reverse=True))
+        f"{answers[g[0]]} ({len(g)} of {n} responses)" if i == 0 else f"{answers[g[0]]} ({len(g)} of {n})"
+        for i, g in enumerate(groups)
     ]
     if missing:
         parts.append(f"no clear answer ({missing} of {n})")

@@ -189,7 +189,7 @@ async def _child(args) -> dict:
                 from aft_graph.models import resolve_model
 
                 backend = OpenAIBackend(
-                    url, model=args.model, tokenizer=resolve_model(args.model),
+                    url, tokenizer=resolve_model(args.model),  # the one model llama-server serves
                     context_window=args.max_model_len,
                 )  # fmt: skip
             except OSError:

@@ -106,7 +106,7 @@ def test_server_command_computes_like_the_in_process_engine(monkeypatch, tmp_pat
     assert "--dtype bfloat16" in flags and "--port 8123" in flags and f"--model {model}" in flags
     assert "--no-enable-chunked-prefill" in flags and "--max-num-batched-tokens 8192" in flags
     assert flags.endswith(f"--lora-modules mine={adapter}")
-    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0,1"
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0,1" and env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     monkeypatch.setattr(vllm_backend, "cpu_profile", lambda: CPUProfile(flags=frozenset({"avx2"}), cpus=(0, 1)))
     argv, _ = vllm_backend.server_command(model)
     assert "--dtype float32" in " ".join(argv) and "--enable-lora" not in argv

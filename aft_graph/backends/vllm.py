@@ -132,7 +132,7 @@ def server_command(
     port: int = 8000,
     max_model_len: int = 4096,
     loras: dict[str, str | os.PathLike[str]] | None = None,
-    kv_cache_gib: float | None = None,
+    kv_cache_gib: float = 2,
 ) -> tuple[list[str], dict[str, str]]:
     """The command line and environment of a vLLM OpenAI-compatible server that computes like
     ``VLLMBackend(model)``: same dtype, CPU binding and scheduler settings, so a warm server gives
@@ -148,7 +148,8 @@ def server_command(
         max_model_len: Context window per request.
         loras: Adapters served by name (``{"aft": <dir>}``; shipped names resolve and are
             hash-checked); requests choose one with ``model=<name>``.
-        kv_cache_gib: KV-cache size on the CPU.
+        kv_cache_gib: KV-cache size on the CPU (``VLLMBackend``'s default; without it the CPU
+            build reserves 92% of the machine's memory and refuses to start beside anything).
 
     Returns:
         ``(argv, env)``: run ``argv`` with ``env`` added to the current environment (a user's own
