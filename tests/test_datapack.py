@@ -67,3 +67,23 @@ def test_heldout_results_travel_with_the_data(tmp_path):
     assert set(manifest["files"]) == {"heldout_base.json"}
     assert unpack(data, fresh) == ["heldout_base.json"]
     assert (fresh / "heldout_base.json").read_text() == result
+
+
+def test_an_ablation_inherits_the_shared_stages_without_packing_them_twice(tmp_path):
+    base_run, base_data = tmp_path / "base", tmp_path / "base-data"
+    base_run.mkdir()
+    _write(base_run / "proposals.jsonl", [{"id": i} for i in range(3)])
+    _write(base_run / "aggregations.jsonl", [{"id": "copy-targets"}])
+    pack(base_run, base_data)
+    run, data = tmp_path / "ablation", tmp_path / "ablation-data"
+    # Only the shared stages come over: the base recipe's targets are not the ablation's.
+    assert unpack(base_data, run, only=["proposals.jsonl"]) == ["proposals.jsonl"]
+    assert not (run / "aggregations.jsonl").exists()
+    _write(run / "aggregations.jsonl", [{"id": "own-targets"}])
+    manifest = pack(run, data, inherited=base_data)
+    assert set(manifest["files"]) == {"aggregations.jsonl"}
+    assert list(manifest["inherited"]["files"]) == ["proposals.jsonl"]
+    assert not (data / "proposals.jsonl.gz").exists()
+    # A changed shared file is the ablation's own data: packed.
+    _write(run / "proposals.jsonl", [{"id": i} for i in range(4)])
+    assert "proposals.jsonl" in pack(run, data, inherited=base_data)["files"]

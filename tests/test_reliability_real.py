@@ -283,20 +283,12 @@ def _free_port() -> int:
 
 
 def _start_server(model_dir: Path, port: int, log: Path) -> subprocess.Popen:
-    """The OpenAI-compatible vLLM server on ``port`` (same settings as conftest's vllm_server)."""
-    from aft_graph.backends.vllm import cpu_scheduler_args
+    """The OpenAI-compatible vLLM server on ``port``: what ``aft-graph engine`` runs (as conftest's
+    vllm_server), so the restarted server computes like the in-process engine."""
+    from aft_graph.backends.vllm import server_command
 
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-        "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32",
-        "--seed", "0", "--disable-log-stats",
-    ]  # fmt: skip
-    scheduler = cpu_scheduler_args(MAX_MODEL_LEN)
-    if not scheduler["enable_chunked_prefill"]:
-        cmd.append("--no-enable-chunked-prefill")
-    cmd += ["--max-num-batched-tokens", str(scheduler["max_num_batched_tokens"])]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    cmd, engine_env = server_command(model_dir, port=port, max_model_len=MAX_MODEL_LEN, kv_cache_gib=1)
+    env = {**engine_env, **os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     with log.open("a") as out:
         return subprocess.Popen(
             cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True

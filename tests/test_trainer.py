@@ -435,6 +435,53 @@ class TestAggregations:
         assert [r.target for r in rows] == ["<answer>5</answer>"]
         assert report.notes["aggregations rejected: prompt markup in the text"] == 2
 
+    async def test_aggregations_in_their_own_words_are_preferred_to_copies(self, tmp_path):
+        shown = "2 + 3 = 5, so the sum is five. <answer>5</answer>"
+        records = [precord(0, [shown, "<answer>4</answer>"], rewards=[1.0, 0.0])]
+        # Sample 0 restates the right proposal verbatim; sample 1 says it in its own words.
+        own = "Both add 2 and 3; the first is right: 5. <answer>5</answer>"
+        script = [f"  {shown}\n", own, "<answer>4</answer>"]
+        prefer = await build_aggregations(
+            records, AggregationConfig(samples=3), tmp_path / "a.jsonl",
+            backend=ScriptedBackend(script), show_progress=False,
+        )  # fmt: skip
+        assert [r.target for r in read_records(tmp_path / "a.jsonl", AggregationRecord)] == [own]
+        assert prefer.notes["accepted aggregations that copy a proposal"] == 1
+        assert prefer.notes["copies passed over for an aggregation in its own words"] == 1
+        allow = await build_aggregations(
+            records, AggregationConfig(samples=3, copies="allow"), tmp_path / "b.jsonl",
+            backend=ScriptedBackend(script), show_progress=False,
+        )  # fmt: skip
+        assert allow.kept == 1
+        assert [r.target for r in read_records(tmp_path / "b.jsonl", AggregationRecord)] == [shown]
+        # Only a copy accepted: kept when nothing better exists, unless copies are rejected.
+        only_copy = [shown, "<answer>4</answer>"]
+        kept = await build_aggregations(
+            records, AggregationConfig(samples=2), tmp_path / "c.jsonl",
+            backend=ScriptedBackend(only_copy), show_progress=False,
+        )  # fmt: skip
+        assert kept.kept == 1
+        rejected = await build_aggregations(
+            records, AggregationConfig(samples=2, copies="reject"), tmp_path / "d.jsonl",
+            backend=ScriptedBackend(only_copy), show_progress=False,
+        )  # fmt: skip
+        assert rejected.kept == 0
+        assert rejected.skipped["only copies of a proposal accepted"] == 1
+        assert written_ids(rejected_path(tmp_path / "d.jsonl")) == {"t0"}
+
+    async def test_queries_without_an_accepted_proposal_can_be_left_out(self, tmp_path):
+        records = [
+            precord(0, ["<answer>5</answer>", "<answer>4</answer>"], rewards=[1.0, 0.0]),
+            precord(1, ["<answer>4</answer>", "<answer>6</answer>"], rewards=[0.0, 0.0]),
+            precord(2, ["<answer>4</answer>", "<answer>6</answer>"]),  # unscored: the verifier reads
+        ]
+        backend = ScriptedBackend(_agg_responder({0}))
+        cfg = AggregationConfig(samples=2, require_accepted_proposal=True)
+        report = await build_aggregations(records, cfg, tmp_path / "a.jsonl", backend=backend, show_progress=False)
+        assert len(backend.calls) == 1  # only t0 was sampled
+        assert report.notes["left out: no accepted proposal (require_accepted_proposal)"] == 2
+        assert written_ids(tmp_path / "a.jsonl") == {"t0#0"}
+
     async def test_keep_limit_and_rejected_queries_are_not_redone(self, tmp_path):
         records = [precord(0, ["a"]), precord(1, ["b"])]
 

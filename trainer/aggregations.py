@@ -38,6 +38,7 @@ __all__ = [
     "aggregation_request",
     "build_aggregations",
     "cap_agreeing",
+    "copies_proposal",
     "get_template",
     "rejected_path",
 ]
@@ -138,6 +139,40 @@ def _verified_proposal(
     return rng.choice(reasoned or accepted)
 
 
+def _has_accepted_proposal(record: ProposalRecord, config: AggregationConfig, verifier: Verifier) -> bool:
+    texts, rewards = _proposals_of(record, config)
+    return any(
+        (reward if reward is not None else verifier.score(record, text)) >= verifier.threshold
+        for text, reward in zip(texts, rewards, strict=True)
+    )
+
+
+def copies_proposal(text: str, proposals: Iterable[str]) -> bool:
+    """Whether an aggregation restates one of its proposals verbatim (surrounding space aside)."""
+    return text.strip() in {p.strip() for p in proposals}
+
+
+def _prefer_own_words(
+    targets: list[tuple[str, float | None]],
+    proposals: list[str],
+    config: AggregationConfig,
+    report: DataReport,
+) -> list[tuple[str, float | None]]:
+    """The ``config.keep`` targets to write: aggregations in their own words (and showing their
+    working) first; verbatim copies of a proposal last, or never (``config.copies``)."""
+    if config.copies == "allow":
+        return targets[: config.keep]
+    own = [t for t in targets if not copies_proposal(t[0], proposals)]
+    copied = [t for t in targets if copies_proposal(t[0], proposals)]
+    if copied:
+        report.note("accepted aggregations that copy a proposal", len(copied))
+    own.sort(key=lambda t: not _shows_working(t[0]))  # stable: sampling order otherwise
+    ranked = own if config.copies == "reject" else own + copied
+    if own and copied:
+        report.note("copies passed over for an aggregation in its own words")
+    return ranked[: config.keep]
+
+
 def aggregation_request(
     record: ProposalRecord, config: AggregationConfig
 ) -> GenerationRequest:
@@ -172,6 +207,11 @@ async def build_aggregations(
     records, capped = cap_agreeing(records, config, verifier)
     if capped:
         report.note("left out: all proposals agree (max_agreeing_fraction)", capped)
+    if config.require_accepted_proposal and config.mode in ("self", "teacher"):
+        solvable = [r for r in records if _has_accepted_proposal(r, config, verifier)]
+        if len(solvable) < len(records):
+            report.note("left out: no accepted proposal (require_accepted_proposal)", len(records) - len(solvable))
+        records = solvable
 
     with (
         JsonlWriter(out, overwrite=overwrite, key="query_id") as writer,
@@ -280,14 +320,16 @@ async def build_aggregations(
                         if read is not None:
                             text = f"{text}\n{config.reference_format.replace('{answer}', read)}"
                             report.note("targets given the answer format")
-                    if text in seen or len(targets) >= config.keep:
+                    if text in seen:
                         continue
                     seen.add(text)
                     targets.append((text, reward))
                 if unverifiable:
                     continue
+                accepted = bool(targets)
+                targets = _prefer_own_words(targets, _proposals_of(record, config)[0], config, report)
                 if targets:
                     emit(record, targets)
                 else:
-                    reject(record, "no accepted aggregation")
+                    reject(record, "only copies of a proposal accepted" if accepted else "no accepted aggregation")
     return report

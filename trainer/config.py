@@ -176,6 +176,19 @@ class AggregationConfig(_SampledConfig):
         "proposals that all state the same answer (voting already handles those); the rest of "
         "them are left out, chosen by rng_seed. 1.0: no cap.",
     )
+    require_accepted_proposal: bool = Field(
+        False,
+        description="self / teacher: sample only for queries with at least one verifier-accepted "
+        "proposal among the K (without one, an accepted aggregation is rare for a small model and "
+        "its samples are mostly spent for nothing).",
+    )
+    copies: Literal["allow", "prefer_other", "reject"] = Field(
+        "prefer_other",
+        description="self / teacher: what to do with accepted aggregations that restate one of "
+        "the prompt's proposals verbatim (targets that copy teach copying: the verified_proposal "
+        "adapter copied 95 of 120 held-out aggregations). prefer_other: keep them only when no "
+        "accepted aggregation says something of its own; reject: never keep them.",
+    )
     samples: int = Field(4, ge=1, description="Aggregations sampled per query (self / teacher).")
     keep: int = Field(1, ge=1, description="Accepted targets kept per query (distinct texts).")
     verify: bool = Field(
@@ -337,6 +350,16 @@ class DemoConfig(_Config):
         1.0, ge=0.0, le=1.0,
         description="Cap on the share of training queries whose proposals all agree.",
     )
+    require_accepted_proposal: bool = Field(
+        False,
+        description="Self-aggregation: sample targets only for queries with a verifier-accepted "
+        "proposal among the K (see AggregationConfig).",
+    )
+    copies: Literal["allow", "prefer_other", "reject"] = Field(
+        "prefer_other",
+        description="Self-aggregation: accepted aggregations that copy a proposal verbatim "
+        "(see AggregationConfig).",
+    )
     aggregation_k: int | None = Field(
         None, ge=1,
         description="Proposals in each training (and held-out) aggregation prompt: the first N "
@@ -370,3 +393,17 @@ class DemoConfig(_Config):
         description="Pack the run's jsonl data here (gzipped, with a manifest; commit it) after "
         "every stage, and restore it from here first: a run continues on another machine.",
     )
+    inherit_data: Path | None = Field(
+        None,
+        description="The data directory of an earlier recipe whose query, proposal and held-out "
+        "stages this run shares (an ablation of targets or training): inherit_files are "
+        "restored from it first and not packed again while unchanged.",
+    )
+    inherit_files: tuple[str, ...] = Field(
+        (
+            "tasks_train.jsonl", "tasks_eval.jsonl", "proposals.jsonl", "selected.jsonl",
+            "eval_proposals.jsonl", "heldout_base.json",
+        ),
+        description="The files restored from inherit_data (the stages before the targets, and "
+        "the untrained aggregator's held-out evaluation).",
+    )  # fmt: skip

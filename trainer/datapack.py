@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,33 +32,49 @@ def _rows(data: bytes) -> int:
 
 
 def pack(
-    run_dir: str | Path, data_dir: str | Path, *, config: dict[str, Any] | None = None
+    run_dir: str | Path,
+    data_dir: str | Path,
+    *,
+    config: dict[str, Any] | None = None,
+    inherited: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write ``.jsonl.gz`` copies of the run's jsonl files into ``data_dir``, plus the manifest.
 
-    Only complete lines are packed (a file being appended to may end mid-line).
+    Only complete lines are packed (a file being appended to may end mid-line). Files identical to
+    their copy in the ``inherited`` data directory (an earlier recipe's data this run reuses) are
+    listed in the manifest as inherited rather than packed twice.
     """
     run, dest = Path(run_dir), Path(data_dir)
-    entries = {}
+    parent = _manifest_files(inherited) if inherited is not None else {}
+    entries: dict[str, Any] = {}
+    shared: dict[str, str] = {}
     for path in sorted([*run.rglob("*.jsonl"), *run.glob(_RESULTS)]):
         data = path.read_bytes()
         if path.suffix == ".jsonl":
             data = data[: data.rfind(b"\n") + 1]  # drop a partly written last line
-        gz = dest / (str(path.relative_to(run)) + ".gz")
+        rel = str(path.relative_to(run))
+        digest = hashlib.sha256(data).hexdigest()
+        if parent.get(rel, {}).get("sha256") == digest:
+            shared[rel] = digest
+            (dest / (rel + ".gz")).unlink(missing_ok=True)
+            continue
+        gz = dest / (rel + ".gz")
         gz.parent.mkdir(parents=True, exist_ok=True)
         # mtime=0: the same data gives the same bytes, so git sees no change on a re-pack.
         gz.write_bytes(gzip.compress(data, mtime=0))
-        entries[str(path.relative_to(run))] = {
+        entries[rel] = {
             "rows": _rows(data),
             "bytes": len(data),
             "gzip_bytes": gz.stat().st_size,
-            "sha256": hashlib.sha256(data).hexdigest(),
+            "sha256": digest,
         }
-    manifest = {
+    manifest: dict[str, Any] = {
         "packed_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "files": entries,
         "config": config,
     }
+    if inherited is not None:
+        manifest["inherited"] = {"from": str(inherited), "files": shared}
     old = dest / MANIFEST
     if old.is_file():
         previous = json.loads(old.read_text())
@@ -71,17 +88,35 @@ def pack(
     return manifest
 
 
-def unpack(data_dir: str | Path, run_dir: str | Path) -> list[str]:
+def _manifest_files(data_dir: str | Path) -> dict[str, Any]:
+    path = Path(data_dir) / MANIFEST
+    return json.loads(path.read_text()).get("files", {}) if path.is_file() else {}
+
+
+def unpack(
+    data_dir: str | Path, run_dir: str | Path, *, only: Iterable[str] | None = None
+) -> list[str]:
     """Restore ``.jsonl`` files from their packed copies where the plain file is missing or shorter.
 
-    Returns the restored files. A packed file whose content does not match the manifest's sha256
-    raises ``ValueError`` (a corrupt or hand-edited pack must not seed a training run).
+    Args:
+        data_dir: The packed data (``MANIFEST.json`` + ``.gz`` files).
+        run_dir: The run directory to restore into.
+        only: Restore only these files (paths relative to the run directory; e.g. the stages an
+            ablation shares with the recipe it inherits from).
+
+    Returns:
+        The restored files.
+
+    Raises:
+        ValueError: A packed file's content does not match the manifest's sha256 (a corrupt or
+            hand-edited pack must not seed a training run).
     """
     run, src = Path(run_dir), Path(data_dir)
     manifest_path = src / MANIFEST
-    if not manifest_path.is_file():
-        return []
-    files = json.loads(manifest_path.read_text()).get("files", {})
+    files = _manifest_files(src)
+    if only is not None:
+        wanted = set(only)
+        files = {rel: meta for rel, meta in files.items() if rel in wanted}
     restored = []
     for rel, meta in files.items():
         path, gz = run / rel, src / (rel + ".gz")

@@ -63,6 +63,10 @@ async def run_recipe(
     reports: list[DataReport] = []
     started = t = time.monotonic()
 
+    if config.inherit_data is not None:
+        restored = datapack.unpack(config.inherit_data, out, only=config.inherit_files)
+        if restored:
+            con.print(f"inherited from {config.inherit_data}: {', '.join(restored)}")
     if config.data_dir is not None:
         restored = datapack.unpack(config.data_dir, out)
         if restored:
@@ -73,7 +77,10 @@ async def run_recipe(
         timings[name] = round(time.monotonic() - t, 1)
         con.print(f"[green]done[/green] {name} in {timings[name]} s")
         if config.data_dir is not None:
-            datapack.pack(out, config.data_dir, config=json.loads(config.model_dump_json()))
+            datapack.pack(
+                out, config.data_dir, config=json.loads(config.model_dump_json()),
+                inherited=config.inherit_data,
+            )  # fmt: skip
         t = time.monotonic()
 
     with con.status("queries: generating and checking them against the evaluation suites"):
@@ -117,6 +124,7 @@ async def run_recipe(
             temperature=config.aggregation_temperature, last_number=config.last_number,
             append_answer=config.append_answer,
             max_agreeing_fraction=config.max_agreeing_fraction, rng_seed=config.seed,
+            require_accepted_proposal=config.require_accepted_proposal, copies=config.copies,
         )  # fmt: skip
         report, examples = await stages.targets(backend, out, acfg, verifier, show_progress=show_progress)
         reports.append(report)

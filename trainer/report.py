@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .aggregations import copies_proposal
 from .records import AggregationRecord, DataReport, ProposalRecord
 
 __all__ = ["accuracy", "build_summary", "render_report"]
@@ -22,8 +23,8 @@ def accuracy(rows: Sequence[dict[str, Any]], key: str) -> float:
 
 
 def _copies(rows: list[dict[str, Any]], heldout: list[Any], k: int) -> int:
-    texts = {r.id: {t.strip() for t in r.texts()[:k]} for r in heldout}
-    return sum(row["aggregation"].strip() in texts.get(row["id"], ()) for row in rows)
+    texts = {r.id: r.texts()[:k] for r in heldout}
+    return sum(copies_proposal(row["aggregation"], texts.get(row["id"], ())) for row in rows)
 
 
 def build_summary(
