@@ -204,6 +204,21 @@ async def test_stages_chain_on_a_scripted_engine(tmp_path):
     assert all("direct" not in r and r["aggregation_score"] == 1.0 for r in voted)
     assert stages.vote_scores(heldout, verifier, 2) == [1.0, 1.0]
     assert stages.vote_scores(heldout, verifier, 1) == [1.0, 1.0]
+    # An interrupted evaluation resumes with the rows it had: only the missing one is asked again.
+    out = tmp_path / "heldout_x.json"
+    partial = out.with_name(out.name + ".partial.jsonl")
+    full = await stages.evaluate(backend, heldout, tmp_path / "heldout_y.json", lora=None, k=2, max_tokens=8, verifier=verifier, direct=False)
+    key = {"ids": [r.id for r in heldout], "lora": None, "k": 2, "max_tokens": 8, "template": "aft", "direct": False}
+    partial.write_text(json.dumps({"key": key}) + "\n" + json.dumps(full[0]) + "\n" + '{"id": "half-writ')
+    calls = len(backend.calls)
+    resumed = await stages.evaluate(backend, heldout, out, lora=None, k=2, max_tokens=8, verifier=verifier, direct=False)
+    assert resumed == full and len(backend.calls) == calls + 1 and not partial.exists()
+    # Rows made with other settings are not reused.
+    other = tmp_path / "heldout_z.json.partial.jsonl"
+    other.write_text(json.dumps({"key": {**key, "k": 1}}) + "\n" + json.dumps(full[0]) + "\n")
+    calls = len(backend.calls)
+    await stages.evaluate(backend, heldout, tmp_path / "heldout_z.json", lora=None, k=2, max_tokens=8, verifier=verifier, direct=False)
+    assert len(backend.calls) == calls + 2 and not other.exists()
 
 
 def test_paired_comparisons_of_the_trained_aggregator():

@@ -767,6 +767,46 @@ class TestCli:
         r = runner.invoke(app, ["proposals", "--out", str(tmp_path / "x.jsonl")])
         assert r.exit_code != 0 and "--tasks" in r.output
 
+    def test_heldout_ablation_of_an_inheriting_recipe_through_another_model(self, tmp_path, monkeypatch):
+        from trainer import backend as backend_module
+        from trainer.datapack import pack
+
+        # The base recipe's packed data: two held-out queries, 2 proposals each, untrained rows.
+        base_run, base_data = tmp_path / "base", tmp_path / "base-data"
+        base_run.mkdir()
+        heldout = [precord(0, ["<answer>5</answer>", "<answer>4</answer>"]), precord(1, ["<answer>4</answer>", "<answer>4</answer>"])]
+        write_jsonl(base_run / "eval_proposals.jsonl", [json.loads(r.model_dump_json()) for r in heldout])
+        base_rows = [{"id": "t0", "aggregation_score": 1.0, "direct_score": 0.0}, {"id": "t1", "aggregation_score": 0.0, "direct_score": 1.0}]
+        (base_run / "heldout_base.json").write_text(json.dumps({"key": {}, "rows": base_rows}))
+        pack(base_run, base_data)
+        recipe = tmp_path / "ablation.json"
+        recipe.write_text(json.dumps({
+            "out": str(tmp_path / "run"), "data_dir": str(tmp_path / "data"), "inherit_data": str(base_data),
+            "model": "default", "k": 2, "last_number": False,
+        }))  # fmt: skip
+        made = []
+
+        def fake_backend(model, **kwargs):
+            made.append((model, kwargs))
+            return ScriptedBackend(lambda req, i: "Both say 5 and 4; 2 + 3 = 5. <answer>5</answer>")
+
+        monkeypatch.setattr(backend_module, "make_backend", fake_backend)
+        merged = tmp_path / "merged"
+        merged.mkdir()
+        r = CliRunner().invoke(app, [
+            "heldout", "--config", str(recipe), "--model", str(merged), "--direct",
+            "--base-url", "http://127.0.0.1:1/v1",
+        ])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        assert made == [(str(merged.resolve()), {"engine": "openai", "base_url": ["http://127.0.0.1:1/v1"]})]
+        assert "aggregator accuracy 1.000 on 2" in r.output and "0 aggregations copy a proposal" in r.output
+        assert "direct answers: 1.000 (the recipe's base model: 0.500)" in r.output
+        assert "| untrained aggregator | 0.500 | +0.500 |" in r.output
+        # Its rows are packed into its own data directory; the inherited data is not packed again.
+        manifest = json.loads((tmp_path / "data" / "MANIFEST.json").read_text())
+        assert set(manifest["files"]) == {"heldout_aft_merged_direct.json"}
+        assert set(manifest["inherited"]["files"]) == {"eval_proposals.jsonl", "heldout_base.json"}
+
     def test_help_lists_every_stage(self):
         r = CliRunner().invoke(app, ["--help"])
         for command in ("proposals", "select", "aggregations", "sft", "export", "demo"):

@@ -383,6 +383,9 @@ def heldout(
     config: Annotated[Path, typer.Option("--config", help="The recipe's JSON file (its run directory, data directory, model, widths and token budget).")],
     template: Annotated[str, typer.Option(help="Aggregation prompt (aft_graph.prompts.TEMPLATES): aft, aft-vote, rsa.")] = "aft",
     adapter: Annotated[str | None, typer.Option(help="Aggregator adapter: a shipped adapter's name or a directory (default: the base model).")] = None,
+    model: Annotated[str | None, typer.Option(help="Aggregate with this model instead of the recipe's (e.g. an adapter's merged directory from `aft-train export`: LoRA serving on a CPU is about 2.5x slower).")] = None,
+    base_url: Annotated[list[str] | None, typer.Option(help="A running OpenAI-compatible server (repeatable: a fleet) serving --model (or the recipe's model) instead of an in-process engine.")] = None,
+    direct: Annotated[bool, typer.Option("--direct/--no-direct", help="Also answer each question directly (single call, no proposals).")] = False,
 ) -> None:
     """Ablate the aggregator on a recipe's stored held-out proposals: greedy aggregation with another
     prompt and/or adapter, paired against the recipe's untrained aggregator and the votes of the
@@ -392,6 +395,7 @@ def heldout(
     from aft_graph.tasks import Verifier
 
     from . import datapack, stages
+    from .aggregations import copies_proposal
     from .backend import make_backend
     from .records import ProposalRecord, read_records
 
@@ -399,6 +403,8 @@ def heldout(
     if template not in TEMPLATES:
         raise typer.BadParameter(f"unknown template {template!r}: choose from {sorted(TEMPLATES)}")
     out = Path(cfg.out)
+    if cfg.inherit_data is not None:
+        datapack.unpack(cfg.inherit_data, out, only=cfg.inherit_files)
     if cfg.data_dir is not None:
         datapack.unpack(cfg.data_dir, out)
     base_rows = out / "heldout_base.json"
@@ -411,14 +417,26 @@ def heldout(
     verifier = Verifier("auto", last_number=cfg.last_number)
     k = cfg.aggregation_k or cfg.k
     lora = str(resolve_adapter(adapter)) if adapter else None
-    name = f"heldout_{template}" + (f"_{Path(adapter).name}" if adapter else "") + ".json"
+    name = "heldout_" + "_".join(
+        [template]
+        + ([Path(adapter).name] if adapter else [])
+        + ([Path(model).name] if model else [])
+        + (["direct"] if direct else [])
+    ) + ".json"  # fmt: skip
+    served = model or cfg.model
+    if base_url and model and Path(model).is_dir():
+        served = str(Path(model).resolve())  # vLLM's server names a model by its path
 
     async def main() -> list[dict[str, Any]]:
-        backend = make_backend(cfg.model, max_model_len=cfg.max_model_len)
+        if base_url:
+            backend = make_backend(served, engine="openai", base_url=base_url)
+        else:
+            backend = make_backend(served, max_model_len=cfg.max_model_len)
         try:
             return await stages.evaluate(
                 backend, records, out / name, lora=lora, k=k, max_tokens=cfg.aggregation_tokens,
-                verifier=verifier, strict=Verifier("auto"), template=template, direct=False,
+                verifier=verifier, strict=Verifier("auto"), template=template, direct=direct,
+                model=model,
             )  # fmt: skip
         finally:
             await backend.aclose()
@@ -432,9 +450,19 @@ def heldout(
         votes[f"majority of {n_all}"] = stages.vote_scores(records, verifier, n_all)
     paired = stages.paired_comparisons(rows, before, votes)
     if cfg.data_dir is not None:
-        datapack.pack(out, cfg.data_dir, config=json.loads(cfg.model_dump_json()))
+        datapack.pack(
+            out, cfg.data_dir, config=json.loads(cfg.model_dump_json()), inherited=cfg.inherit_data
+        )
     accuracy = sum(r["aggregation_score"] >= 1.0 for r in rows) / len(rows)
-    typer.echo(f"{name}: aggregator accuracy {accuracy:.3f} on {len(rows)} held-out queries")
+    copies = sum(copies_proposal(r["aggregation"], rec.texts()[:k]) for r, rec in zip(rows, records, strict=True))
+    typer.echo(
+        f"{name}: aggregator accuracy {accuracy:.3f} on {len(rows)} held-out queries; "
+        f"{copies} aggregations copy a proposal verbatim"
+    )
+    if direct:
+        base_direct = sum(r.get("direct_score", 0.0) >= 1.0 for r in before) / len(before)
+        own = sum(r["direct_score"] >= 1.0 for r in rows) / len(rows)
+        typer.echo(f"direct answers: {own:.3f} (the recipe's base model: {base_direct:.3f})")
     typer.echo("| baseline | baseline accuracy | this minus baseline | 95% interval | wins / losses |")
     typer.echo("|---|---|---|---|---|")
     for base, p in paired.items():

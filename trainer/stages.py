@@ -287,6 +287,7 @@ async def evaluate(
     strict: Verifier | None = None,
     template: str = "aft",
     direct: bool = True,
+    model: str | None = None,
 ) -> list[dict[str, Any]]:
     """Greedy aggregation of the first ``k`` proposals (and a greedy direct answer) for every
     held-out record, scored; rows are cached in ``out`` (a JSON file) for the same records and
@@ -294,13 +295,17 @@ async def evaluate(
 
     ``strict`` (optional) scores the aggregation a second time, e.g. requiring the answer tag.
     ``template`` names the aggregation prompt (:data:`aft_graph.prompts.TEMPLATES`); ``direct=False``
-    skips the direct answer (a prompt ablation needs only the aggregations).
+    skips the direct answer (a prompt ablation needs only the aggregations). ``model`` names the
+    model the backend serves when it is not the recipe's own (e.g. an adapter's merged model), so
+    that cached rows of another model are never taken for its own.
     """
     out = Path(out)
     prompt = TEMPLATES[template]
     key = {"ids": [r.id for r in records], "lora": lora, "k": k, "max_tokens": max_tokens}
     if template != "aft" or not direct:  # earlier caches (AFT prompt, with direct) stay valid
         key |= {"template": template, "direct": direct}
+    if model is not None:
+        key["model"] = model
     if out.is_file():
         saved = json.loads(out.read_text())
         if saved.get("key") == key:
@@ -331,17 +336,49 @@ async def evaluate(
             row |= {"direct": rest[0][0].text, "direct_score": verifier.score(record, rest[0][0].text)}
         return row
 
-    rows: dict[str, dict[str, Any]] = {}
-    # Many questions at once: the engine's throughput grows with the batch (greedy outputs do not
-    # depend on it beyond float rounding).
-    async for record, row, error in bounded_map(list(records), one, concurrency=48):
-        if error is not None:
-            raise error
-        rows[record.id] = row  # type: ignore[index]
-    result = [rows[r.id] for r in records]
+    # Rows are appended to a partial file as they finish (an evaluation through LoRA on a CPU takes
+    # most of an hour): an interrupted run resumes with the rows it already has.
     out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial.jsonl")
+    rows = _partial_rows(partial, key)
+    todo = [r for r in records if r.id not in rows]
+    with partial.open("a") as sink:
+        if partial.stat().st_size == 0:
+            sink.write(json.dumps({"key": key}) + "\n")
+        # Many questions at once: the engine's throughput grows with the batch (greedy outputs do
+        # not depend on it beyond float rounding).
+        async for record, row, error in bounded_map(todo, one, concurrency=48):
+            if error is not None:
+                raise error
+            rows[record.id] = row  # type: ignore[index]
+            sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+            sink.flush()
+    result = [rows[r.id] for r in records]
     out.write_text(json.dumps({"key": key, "rows": result}, ensure_ascii=False))
+    partial.unlink()
     return result
+
+
+def _partial_rows(path: Path, key: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The rows of an interrupted evaluation with the same settings (else a fresh start)."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text().splitlines()
+    try:
+        header = json.loads(lines[0]) if lines else None
+    except json.JSONDecodeError:
+        header = None
+    if header != {"key": key}:
+        path.unlink()
+        return {}
+    rows = {}
+    for line in lines[1:]:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a half-written last line
+            continue
+        rows[row["id"]] = row
+    return rows
 
 
 def vote_scores(records: Sequence[ProposalRecord], verifier: Verifier, k: int) -> list[float]:
