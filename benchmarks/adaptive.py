@@ -48,6 +48,7 @@ from aft_graph.tasks import load_suite  # noqa: E402
 
 RUNS = ROOT / "runs" / "adaptive"
 DOC = ROOT / "docs" / "adaptive.md"
+FIGURE = ROOT / "docs" / "adaptive_accuracy_vs_tokens.png"
 
 # name -> strategy spec (evaluate.parse_strategies syntax); pairs: (variant, full run).
 REASONING = {
@@ -161,6 +162,59 @@ def code_reference(records: Sequence[Mapping[str, Any]]) -> str | None:
     )
 
 
+def plot(runs: Path = RUNS, out: Path = FIGURE) -> Path | None:
+    """Accuracy against mean prompt + generated tokens and against generated tokens per question,
+    every strategy of each suite on the questions all of them answered (95% bootstrap intervals);
+    an arrow from each full run to its adaptive variant."""
+    suites = []
+    for suite, pairs in (("reasoning", REASONING_PAIRS), ("code", CODE_PAIRS)):
+        records = load_records(runs / suite) if (runs / suite / "records.jsonl").is_file() else []
+        if records:
+            suites.append((suite, pairs, records))
+    if not suites:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(suites), 2, figsize=(11, 4.2 * len(suites)), squeeze=False)
+    for row, (suite, pairs, records) in zip(axes, suites, strict=True):
+        names = sorted({r["strategy"] for r in records})
+        by_name = {n: _by_task(records, n) for n in names}
+        shared = set.intersection(*(set(v) for v in by_name.values()))
+        if not shared:
+            continue
+        points = {}
+        for name, runs_ in by_name.items():
+            scores = [runs_[t]["final_score"] for t in shared]
+            lo, hi = bootstrap_interval(scores)
+            prompt = sum(_tokens(runs_[t])[0] for t in shared) / len(shared)
+            gen = sum(_tokens(runs_[t])[1] for t in shared) / len(shared)
+            points[name] = (sum(scores) / len(scores), lo, hi, prompt + gen, gen)
+        for ax, xi, label in ((row[0], 3, "prompt + generated tokens per question"), (row[1], 4, "generated tokens per question")):
+            labels: dict[tuple[float, float], list[str]] = {}
+            for name, p in points.items():
+                ax.errorbar(p[xi], 100 * p[0], yerr=[[100 * (p[0] - p[1])], [100 * (p[2] - p[0])]], fmt="o", capsize=3)
+                labels.setdefault((round(p[xi]), round(100 * p[0], 1)), []).append(name)
+            for (x, y), group in labels.items():  # strategies with the same cost and accuracy: one label
+                ax.annotate(", ".join(group), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            for variant, full in pairs:
+                if variant in points and full in points:
+                    a, b = points[full], points[variant]
+                    ax.annotate("", xy=(b[xi], 100 * b[0]), xytext=(a[xi], 100 * a[0]),
+                                arrowprops={"arrowstyle": "->", "alpha": 0.4})  # fmt: skip
+            ax.set_xlabel(label)
+            ax.set_ylabel("accuracy %")
+            ax.set_title(f"{suite} (n={len(shared)})")
+            ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def report(runs: Path = RUNS) -> str:
     header = (
         "| variant | full run | n | acc % | full acc % | diff pp [95% CI] | prompt / gen tokens | "
@@ -234,6 +288,9 @@ def main() -> None:
         args.n = args.n or 24
         asyncio.run(_run(args, CODE, "humaneval", args.runs / "code"))
     text = report(args.runs)
+    figure = plot(args.runs)
+    if figure is not None:
+        text += f"\n![accuracy against tokens]({figure.name})\n"
     DOC.write_text(text + "\n")
     print(text)
     print(json.dumps({"written": str(DOC)}))
