@@ -45,6 +45,7 @@ from aft_graph.eval import (  # noqa: E402
     wilson_interval,
 )
 from aft_graph.tasks import load_suite  # noqa: E402
+from benchmarks._notes import keep_notes  # noqa: E402
 
 RUNS = ROOT / "runs" / "adaptive"
 DOC = ROOT / "docs" / "adaptive.md"
@@ -221,7 +222,15 @@ def report(runs: Path = RUNS) -> str:
         "full prompt / gen | token ratio | calls / full | early exits |"
     )
     rule = "|" + "---|" * 11
-    lines = ["# Adaptive compute and selection (issue 15)", "", f"Produced by `{Path(__file__).name}`.", ""]
+    lines = [
+        "# Adaptive compute and selection (issue 15)",
+        "",
+        f"Produced by `benchmarks/{Path(__file__).name}` (regenerated on every run; the notes "
+        "section is kept).",
+        "",
+        keep_notes(DOC),
+        "",
+    ]
     for suite, pairs in (("reasoning", REASONING_PAIRS), ("code", CODE_PAIRS)):
         records = load_records(runs / suite) if (runs / suite / "records.jsonl").is_file() else []
         if not records:

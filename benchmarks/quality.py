@@ -53,9 +53,9 @@ from aft_graph.eval import (  # noqa: E402
     write_plots,
 )
 from aft_graph.tasks import load_suite  # noqa: E402
+from benchmarks._notes import keep_notes  # noqa: E402
 
 DOCS = ROOT / "docs"
-NOTES_START, NOTES_END = "<!-- notes -->", "<!-- /notes -->"
 
 
 def _backend(args):
@@ -173,15 +173,6 @@ def _fresh_summary(out: Path) -> dict:
     return {**saved, **fresh}
 
 
-def _keep_notes(path: Path) -> str:
-    if not path.is_file():
-        return f"{NOTES_START}\n{NOTES_END}"
-    text = path.read_text()
-    if NOTES_START in text and NOTES_END in text:
-        return text[text.index(NOTES_START) : text.index(NOTES_END) + len(NOTES_END)]
-    return f"{NOTES_START}\n{NOTES_END}"
-
-
 def _write_results(runs: Path) -> None:
     DOCS.mkdir(exist_ok=True)
     target = DOCS / "results.md"
@@ -192,7 +183,7 @@ def _write_results(runs: Path) -> None:
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs; "
         "model: embedded default Qwen2.5-Coder-0.5B-Instruct on vLLM (CPU build, float32).",
         "",
-        _keep_notes(target),
+        keep_notes(target),
         "",
     ]
     probe_path = runs / "probe.json"

@@ -1,0 +1,71 @@
+"""The adaptive benchmark's tables and figure from records (no generation), and the notes kept
+across regenerations of a benchmark page."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import adaptive  # noqa: E402
+
+from benchmarks._notes import keep_notes  # noqa: E402
+
+
+def _record(strategy, task, score, prompt, gen, calls, stopped_after=None, layer_scores=(1.0, 0.0, 1.0)):
+    layer = {
+        "layer": 0, "scores": list(layer_scores), "answers": ["5", "4", "5"][: len(layer_scores)],
+        "completion_tokens": [gen // len(layer_scores)] * len(layer_scores),
+        "prompt_tokens": [prompt // len(layer_scores)] * len(layer_scores),
+    }  # fmt: skip
+    return {
+        "strategy": strategy, "task_id": task, "error": None, "final_score": score, "layers": [layer],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": gen, "calls": calls, "stopped_after": stopped_after},
+    }  # fmt: skip
+
+
+def test_pairs_report_accuracy_interval_tokens_and_exits():
+    records = []
+    for i in range(6):
+        records.append(_record("aft", f"t{i}", 1.0, 1000, 300, 12))
+        # The variant stops after layer 0 on half the questions: fewer tokens, one miss.
+        exits = i % 2 == 0
+        records.append(_record("aft+exit", f"t{i}", 0.0 if i == 5 else 1.0, 200 if exits else 1000,
+                               100 if exits else 300, 4 if exits else 12, 0 if exits else None))  # fmt: skip
+    (row,) = adaptive.pair_rows(records, [("aft+exit", "aft"), ("rsa+exit", "rsa")])
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:5] == ["aft+exit", "aft", "6", "83.3", "100.0"]
+    assert cells[5].startswith("-16.7 [")
+    assert cells[6] == "600 / 200" and cells[7] == "1000 / 300"
+    assert cells[8] == f"{800 / 1300:.2f}" and cells[9] == "8.0 / 12.0" and cells[10] == "3"
+
+
+def test_confidence_vote_is_compared_with_the_plain_vote_of_the_same_samples():
+    # Layer 0 answers 5, 4, 5 (scores 1, 0, 1): the plain majority is right on both questions.
+    records = [_record("sc+confidence", "t0", 0.0, 100, 100, 3), _record("sc+confidence", "t1", 1.0, 100, 100, 3)]
+    row = adaptive.same_sample_vote(records, "sc+confidence")
+    assert row.startswith("| sc+confidence | 2 | 50.0 | 100.0 | -50.0 [")
+
+
+def test_report_keeps_notes_and_plot_writes_a_figure(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    runs = tmp_path / "runs"
+    (runs / "reasoning").mkdir(parents=True)
+    import json
+
+    rows = [_record(s, f"t{i}", 1.0, 500, 100, 8) for i in range(3) for s in ("sc", "sc+waves")]
+    (runs / "reasoning" / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    doc = tmp_path / "adaptive.md"
+    doc.write_text("old table\n<!-- notes -->\nThe reading, by hand.\n<!-- /notes -->\nold rows\n")
+    monkeypatch.setattr(adaptive, "DOC", doc)
+    text = adaptive.report(runs)
+    assert "<!-- notes -->\nThe reading, by hand.\n<!-- /notes -->" in text
+    assert "old rows" not in text and "| sc+waves | sc | 3 |" in text
+    figure = adaptive.plot(runs, tmp_path / "fig.png")
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert adaptive.plot(tmp_path / "empty", tmp_path / "none.png") is None
+    assert keep_notes(tmp_path / "missing.md") == "<!-- notes -->\n<!-- /notes -->"
