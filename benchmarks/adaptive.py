@@ -36,6 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from aft_graph.consensus import consensus  # noqa: E402
 from aft_graph.eval import (  # noqa: E402
     bootstrap_interval,
     evaluate,
@@ -55,6 +56,7 @@ FIGURE = ROOT / "docs" / "adaptive_accuracy_vs_tokens.png"
 REASONING = {
     "aft": "aft:K=4,L=2",
     "aft+exit": "aft:K=4,L=2,early_exit=true",
+    "aft+exit75": "aft:K=4,L=2,early_exit=true,agreement=0.75",
     "aft+waves+exit": "aft:K=4,L=2,adaptive_width=true,early_exit=true",
     "rsa": "rsa:N=4,K=2,T=2",
     "rsa+exit": "rsa:N=4,K=2,T=2,early_exit=true",
@@ -67,6 +69,7 @@ REASONING = {
 }
 REASONING_PAIRS = [
     ("aft+exit", "aft"),
+    ("aft+exit75", "aft"),
     ("aft+waves+exit", "aft"),
     ("rsa+exit", "rsa"),
     ("sc+waves", "sc"),
@@ -84,6 +87,8 @@ CODE = {
     "aft+checks": "aft:K=3,L=1,code_checks=true",
     "aft+checks+exit": "aft:K=3,L=1,code_checks=true,early_exit=true",
 }
+EXIT_AGREEMENTS = (1.0, 0.75)
+"""Early-exit thresholds replayed on the full runs (of 4 texts: all, or 3 agreeing)."""
 CODE_PAIRS = [
     ("sc+behaviour", "sc"),
     ("sc+behaviour+inputs", "sc"),
@@ -127,6 +132,47 @@ def pair_rows(records: Sequence[Mapping[str, Any]], pairs: Sequence[tuple[str, s
             f"{100 * sum(diffs) / len(diffs):+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] | "
             f"{pa:.0f} / {ga:.0f} | {pb:.0f} / {gb:.0f} | {ratio:.2f} | {calls_a:.1f} / {calls_b:.1f} | "
             f"{exits} |"
+        )
+    return rows
+
+
+def replay_exit(record: Mapping[str, Any], agreement: float) -> tuple[float, int, int]:
+    """What consensus early exit at ``agreement`` would have given on a full run's question: the
+    first layer before the last whose answers agree (:func:`aft_graph.consensus.consensus`, as the
+    graph decides) ends the run with its representative text. Returns (score, prompt tokens,
+    generated tokens). Exact on the same samples: an exiting run's layers are the full run's."""
+    prompt = gen = 0
+    layers = record["layers"]
+    for layer in layers[:-1]:
+        prompt += sum(layer["prompt_tokens"])
+        gen += sum(layer["completion_tokens"])
+        c = consensus(layer["answers"], agreement)
+        if c.agreed and c.index is not None:
+            return layer["scores"][c.index], prompt, gen
+    return record["final_score"], *_tokens(record)
+
+
+def exit_replay_rows(
+    records: Sequence[Mapping[str, Any]], full: str, agreements: Sequence[float]
+) -> list[str]:
+    """Markdown rows: early exit replayed on ``full``'s records at each agreement threshold."""
+    runs = _by_task(records, full)
+    if not runs:
+        return []
+    shared = sorted(runs)
+    base = [runs[t]["final_score"] for t in shared]
+    base_tokens = sum(sum(_tokens(runs[t])) for t in shared)
+    rows = []
+    for agreement in agreements:
+        replay = [replay_exit(runs[t], agreement) for t in shared]
+        diffs = [r[0] - b for r, b in zip(replay, base, strict=True)]
+        lo, hi = bootstrap_interval(diffs)
+        exits = sum(r[1] + r[2] < sum(_tokens(runs[t])) for r, t in zip(replay, shared, strict=True))
+        ratio = sum(r[1] + r[2] for r in replay) / base_tokens if base_tokens else float("nan")
+        rows.append(
+            f"| {full} | {agreement:g} | {len(shared)} | {_pct(sum(r[0] for r in replay) / len(shared))} | "
+            f"{_pct(sum(base) / len(shared))} | {100 * sum(diffs) / len(diffs):+.1f} "
+            f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {ratio:.2f} | {exits} |"
         )
     return rows
 
@@ -236,6 +282,18 @@ def report(runs: Path = RUNS) -> str:
         if not records:
             continue
         lines += [f"## {suite}", "", header, rule, *pair_rows(records, pairs), ""]
+        replayed = [row for full in ("aft", "rsa") for row in exit_replay_rows(records, full, EXIT_AGREEMENTS)]
+        if replayed:
+            lines += [
+                "Consensus early exit replayed on the full run's own layers at other agreement "
+                "thresholds (the decision the graph takes, on the same samples; where a measured "
+                "`+exit` row of the same strategy exists, the replay must match it):",
+                "",
+                "| full run | agreement | n | acc % | full acc % | diff pp [95% CI] | token ratio | exits |",
+                "|---|---|---|---|---|---|---|---|",
+                *replayed,
+                "",
+            ]
         if suite == "reasoning":
             votes = [same_sample_vote(records, n) for n in ("sc+confidence", "sc+drop-half")]
             lines += [
