@@ -69,3 +69,20 @@ def test_report_keeps_notes_and_plot_writes_a_figure(tmp_path, monkeypatch):
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert adaptive.plot(tmp_path / "empty", tmp_path / "none.png") is None
     assert keep_notes(tmp_path / "missing.md") == "<!-- notes -->\n<!-- /notes -->"
+
+
+def test_early_exit_replay_stops_at_the_first_agreeing_layer_before_the_last():
+    def layer(answers, scores):
+        return {"answers": answers, "scores": scores, "prompt_tokens": [10] * 4, "completion_tokens": [5] * 4}
+
+    record = {
+        "strategy": "aft", "task_id": "t0", "error": None, "final_score": 0.0,
+        "layers": [layer(["5", "5", "5", "4"], [1, 1, 1, 0]), layer(["4"] * 4, [0] * 4), layer(["4"] * 4, [0] * 4)],
+        "usage": {"prompt_tokens": 120, "completion_tokens": 60, "calls": 12},
+    }  # fmt: skip
+    assert adaptive.replay_exit(record, 1.0) == (0, 80, 40)  # layer 1 is unanimous: it ends there
+    assert adaptive.replay_exit(record, 0.75) == (1, 40, 20)  # 3 of 4 agree at layer 0
+    record["layers"][1] = layer(["4", "5", "6", None], [0, 1, 0, 0])
+    assert adaptive.replay_exit(record, 1.0) == (0.0, 120, 60)  # no agreement before the last layer
+    (row,) = adaptive.exit_replay_rows([record], "aft", [0.75])
+    assert row.startswith("| aft | 0.75 | 1 | 100.0 | 0.0 | +100.0") and row.endswith("| 0.33 | 1 |")
