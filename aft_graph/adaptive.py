@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .answers import answers_match
+from .answers import answers_match, extract_answer
 from .backends.base import Backend, Completion, GenerationRequest, derive_seed, supports_logprobs
 from .code_behaviour import (
     CodeProblem,
@@ -44,6 +44,7 @@ from .selection import (
     trace_confidence,
     usc_messages,
 )
+from .tasks.code import program_key
 
 __all__ = ["AdaptivePolicy", "Call", "LayerDecision", "FinalChoice"]
 
@@ -102,6 +103,7 @@ class AdaptivePolicy:
     def __init__(self, config: AggregateConfig, backend: Backend) -> None:
         self.config = config
         self.backend = backend
+        self._problems: dict[str, CodeProblem | None] = {}
         if config.needs_logprobs and not supports_logprobs(backend):
             modes = [
                 m
@@ -213,6 +215,27 @@ class AdaptivePolicy:
                 "return them (VLLMBackend, HFBackend, vllm serve)"
             )
         return [float(c) for c in confidences]  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ answers
+
+    def answers(self, question: str, texts: Sequence[str]) -> list[str | None]:
+        """The answer of each text, as votes, consensus and early exit compare them.
+
+        For a code question (the question holds a function stub) with ``answer_format="auto"``,
+        a text's answer is its program with comments and blank lines removed: identical programs
+        agree, and text that merely ends alike (a closing fence, a print line) does not. Otherwise
+        :func:`aft_graph.answers.extract_answer` in ``config.answer_format``.
+        """
+        if self.config.answer_format == "auto":
+            problem = self._code_problem(question)
+            if problem is not None:
+                return [program_key(t, problem.entry_point) for t in texts]
+        return [extract_answer(t, self.config.answer_format) for t in texts]
+
+    def _code_problem(self, question: str) -> CodeProblem | None:
+        if question not in self._problems:
+            self._problems[question] = CodeProblem.from_question(question)
+        return self._problems[question]
 
     # ------------------------------------------------------------------ code
 

@@ -73,7 +73,9 @@ def extract_answer(text: str, fmt: AnswerFormat = "auto") -> str | None:
         if boxed is not None or fmt == "boxed":
             return boxed
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    return normalize_text(lines[-1]) if lines else None
+    # A last line of markup only (a closing ``` fence) states nothing: not an empty-string answer
+    # that every such text would "agree" on.
+    return (normalize_text(lines[-1]) if lines else "") or None
 
 
 def _math_timeout() -> int | None:

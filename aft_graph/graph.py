@@ -58,7 +58,6 @@ from langgraph.types import Overwrite, RetryPolicy, Send
 from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12 (JSON schemas)
 
 from .adaptive import AdaptivePolicy
-from .answers import extract_answer
 from .backends.base import (
     Backend,
     BackendUnavailableError,
@@ -459,7 +458,7 @@ def build_graph(
                 "retry": [{**r, "must_succeed": stall} for r in failed],
             }
         texts = [r["text"] for r in ok]
-        answers = [extract_answer(t, config.answer_format) for t in texts]
+        answers = policy.answers(state["asked"], texts)
         saved, waves, probability = 0, [], None
         if layer == 0 and config.adaptive_width:
             more, probability = policy.next_wave(answers, len(done))
@@ -572,7 +571,7 @@ def build_graph(
         selection = await policy.select(
             state["asked"],
             texts,
-            [extract_answer(t, config.answer_format) for t in texts],
+            policy.answers(state["asked"], texts),
             state.get("confidences") or None,
             call=call,
             reward_fn=reward_fn,

@@ -355,3 +355,35 @@ async def test_retried_aggregation_reads_the_kept_proposals():
     assert len(aggregations) == 5  # 4 + the failed one once more
     assert all(_RESPONSE.findall(a.messages[-1]["content"]) == [texts[1], texts[3]] for a in aggregations)
     assert len(result["layers"][1]["texts"]) == 4 and result["layers"][1]["sources"] == [[1, 3]] * 4
+
+
+class TestCodeAnswers:
+    async def test_programs_that_end_alike_do_not_agree_and_identical_ones_do(self):
+        # Every response ends in a closing fence: read as text, all would "agree" on nothing.
+        backend = scripted([WRONG, RIGHT, RIGHT_2], [RIGHT])
+        config = _cfg(proposals=3, layers=1, early_exit=True)
+        result = await build_graph(backend, config).ainvoke({"question": CODE_QUESTION})
+        assert result["usage"]["stopped_after"] is None and len(calls_of(backend, "aggregate")) == 3
+        assert result["layers"][0]["answers"] == [
+            "def add_evens(xs):\n    return sum(xs)",
+            "def add_evens(xs):\n    return sum(x for x in xs if x % 2 == 0)",
+            "def add_evens(xs):\n    return sum(filter(lambda x: not x % 2, xs))",
+        ]
+        # The same program three times (comments aside) is consensus: no aggregation call.
+        commented = RIGHT.replace("def add_evens(xs):", "def add_evens(xs):\n    # evens only")
+        backend = scripted([RIGHT, commented, RIGHT])
+        result = await build_graph(backend, config).ainvoke({"question": CODE_QUESTION})
+        assert result["usage"]["stopped_after"] == 0 and calls_of(backend, "aggregate") == []
+
+    async def test_self_consistency_on_code_votes_by_program(self):
+        backend = scripted([WRONG, RIGHT, RIGHT.replace("\n```", "\n\n```")])
+        config = _cfg(strategy="self_consistency", proposals=3)
+        result = await build_graph(backend, config).ainvoke({"question": CODE_QUESTION})
+        assert result["answer"] == RIGHT  # two identical programs outvote one
+
+
+def test_a_last_line_of_markup_states_no_answer():
+    from aft_graph.answers import extract_answer
+
+    assert extract_answer("def f():\n    return 1\n```") is None
+    assert extract_answer("So the answer is 7.") == "so the answer is 7"

@@ -19,7 +19,7 @@ from typing import Any
 
 from .task import Task
 
-__all__ = ["defines", "extract_code", "run_humaneval"]
+__all__ = ["defines", "extract_code", "program_key", "run_humaneval"]
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 
@@ -27,6 +27,15 @@ _FENCE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", r
 def defines(code: str, entry_point: str) -> bool:
     """Whether ``code`` has a ``def entry_point(`` line."""
     return re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.M) is not None
+
+
+def program_key(text: str, entry_point: str | None = None) -> str | None:
+    """What two code responses must share to count as the same vote: the extracted code with blank
+    lines and comments removed (exact grouping: equivalent programs are only recognized by running
+    them, see :mod:`aft_graph.code_behaviour`); ``None`` for a response without code."""
+    code = extract_code(text, entry_point)
+    lines = [ln.rstrip() for ln in code.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    return "\n".join(lines) or None
 
 
 def extract_code(text: str, entry_point: str | None = None) -> str:

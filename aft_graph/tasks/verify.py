@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 from ..answers import AnswerFormat, answers_match, extract_answer, normalize_text
-from .code import extract_code, run_humaneval
+from .code import extract_code, program_key, run_humaneval
 from .task import SupportsTask, Task, as_task
 
 __all__ = ["Verifier", "ascore", "check_answer", "proxy_reward", "score", "vote_key"]
@@ -150,9 +150,7 @@ def vote_key(task: Task, text: str, answer: str | None) -> str | None:
     """
     if task.kind != "humaneval":
         return answer
-    code = extract_code(text, task.metadata["entry_point"])
-    lines = [ln.rstrip() for ln in code.splitlines() if ln.strip() and not ln.strip().startswith("#")]
-    return "\n".join(lines) or None
+    return program_key(text, task.metadata["entry_point"])
 
 
 def proxy_reward(tasks: Sequence[Task]) -> Callable[[str, str], float]:
