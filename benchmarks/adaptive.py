@@ -29,13 +29,14 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from aft_graph.answers import majority_vote  # noqa: E402
 from aft_graph.consensus import consensus  # noqa: E402
 from aft_graph.eval import (  # noqa: E402
     bootstrap_interval,
@@ -46,6 +47,7 @@ from aft_graph.eval import (  # noqa: E402
     wilson_interval,
 )
 from aft_graph.tasks import load_suite  # noqa: E402
+from aft_graph.tasks.code import program_key  # noqa: E402
 from benchmarks._notes import keep_notes  # noqa: E402
 
 RUNS = ROOT / "runs" / "adaptive"
@@ -136,7 +138,25 @@ def pair_rows(records: Sequence[Mapping[str, Any]], pairs: Sequence[tuple[str, s
     return rows
 
 
-def replay_exit(record: Mapping[str, Any], agreement: float) -> tuple[float, int, int]:
+AnswersOf = Callable[[Mapping[str, Any], Mapping[str, Any]], list[Any]]
+"""(record, layer) -> the layer's answers as the graph compares them."""
+
+
+def _stored_answers(record: Mapping[str, Any], layer: Mapping[str, Any]) -> list[Any]:
+    return layer["answers"]
+
+
+def program_answers(suite: str = "humaneval") -> AnswersOf:
+    """Answers of code records recomputed from their texts as the graph now reads them (the
+    program without comments and blank lines): records made before that fix stored last-line
+    fragments."""
+    entry = {t.id: t.metadata["entry_point"] for t in load_suite(suite, seed=None)}
+    return lambda record, layer: [program_key(t, entry[record["task_id"]]) for t in layer["texts"]]
+
+
+def replay_exit(
+    record: Mapping[str, Any], agreement: float, answers_of: AnswersOf = _stored_answers
+) -> tuple[float, int, int]:
     """What consensus early exit at ``agreement`` would have given on a full run's question: the
     first layer before the last whose answers agree (:func:`aft_graph.consensus.consensus`, as the
     graph decides) ends the run with its representative text. Returns (score, prompt tokens,
@@ -146,14 +166,17 @@ def replay_exit(record: Mapping[str, Any], agreement: float) -> tuple[float, int
     for layer in layers[:-1]:
         prompt += sum(layer["prompt_tokens"])
         gen += sum(layer["completion_tokens"])
-        c = consensus(layer["answers"], agreement)
+        c = consensus(answers_of(record, layer), agreement)
         if c.agreed and c.index is not None:
             return layer["scores"][c.index], prompt, gen
     return record["final_score"], *_tokens(record)
 
 
 def exit_replay_rows(
-    records: Sequence[Mapping[str, Any]], full: str, agreements: Sequence[float]
+    records: Sequence[Mapping[str, Any]],
+    full: str,
+    agreements: Sequence[float],
+    answers_of: AnswersOf = _stored_answers,
 ) -> list[str]:
     """Markdown rows: early exit replayed on ``full``'s records at each agreement threshold."""
     runs = _by_task(records, full)
@@ -164,7 +187,7 @@ def exit_replay_rows(
     base_tokens = sum(sum(_tokens(runs[t])) for t in shared)
     rows = []
     for agreement in agreements:
-        replay = [replay_exit(runs[t], agreement) for t in shared]
+        replay = [replay_exit(runs[t], agreement, answers_of) for t in shared]
         diffs = [r[0] - b for r, b in zip(replay, base, strict=True)]
         lo, hi = bootstrap_interval(diffs)
         exits = sum(r[1] + r[2] < sum(_tokens(runs[t])) for r, t in zip(replay, shared, strict=True))
@@ -173,6 +196,35 @@ def exit_replay_rows(
             f"| {full} | {agreement:g} | {len(shared)} | {_pct(sum(r[0] for r in replay) / len(shared))} | "
             f"{_pct(sum(base) / len(shared))} | {100 * sum(diffs) / len(diffs):+.1f} "
             f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {ratio:.2f} | {exits} |"
+        )
+    return rows
+
+
+def program_vote_rows(
+    records: Sequence[Mapping[str, Any]], name: str, answers_of: AnswersOf, others: Sequence[str]
+) -> list[str]:
+    """The majority of ``name``'s layer-0 texts by program (ties: the earliest) against its
+    measured answer, then each of ``others`` (same samples) against that program vote."""
+    runs = _by_task(records, name)
+    if not runs:
+        return []
+    voted = {}
+    for task, record in runs.items():
+        layer = record["layers"][0]
+        vote = majority_vote(answers_of(record, layer))
+        voted[task] = layer["scores"][vote.index if vote.index is not None else 0]
+    rows = []
+    for label, other in [(f"{name} (measured)", runs), *((o, _by_task(records, o)) for o in others)]:
+        shared = sorted(set(voted) & set(other))
+        if not shared:
+            continue
+        diffs = [other[t]["final_score"] - voted[t] for t in shared]
+        lo, hi = bootstrap_interval(diffs)
+        n = len(shared)
+        rows.append(
+            f"| {label} | {n} | {_pct(sum(other[t]['final_score'] for t in shared) / n)} | "
+            f"{_pct(sum(voted[t] for t in shared) / n)} | "
+            f"{100 * sum(diffs) / n:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] |"
         )
     return rows
 
@@ -282,7 +334,12 @@ def report(runs: Path = RUNS) -> str:
         if not records:
             continue
         lines += [f"## {suite}", "", header, rule, *pair_rows(records, pairs), ""]
-        replayed = [row for full in ("aft", "rsa") for row in exit_replay_rows(records, full, EXIT_AGREEMENTS)]
+        answers_of = program_answers() if suite == "code" else _stored_answers
+        replayed = [
+            row
+            for full in ("aft", "aft+checks", "rsa")
+            for row in exit_replay_rows(records, full, EXIT_AGREEMENTS, answers_of)
+        ]
         if replayed:
             lines += [
                 "Consensus early exit replayed on the full run's own layers at other agreement "
@@ -308,6 +365,20 @@ def report(runs: Path = RUNS) -> str:
             ref = code_reference(records)
             if ref:
                 lines += [ref, ""]
+            program_rows = program_vote_rows(
+                records, "sc", program_answers(), ["sc+behaviour", "sc+behaviour+inputs"]
+            )
+            if program_rows:
+                lines += [
+                    "Self-consistency's vote replayed on its own samples with program answers "
+                    "(identical programs agree: what the graph does since the code-answer fix), "
+                    "and each run on the same samples against it:",
+                    "",
+                    "| run | n | acc % | program vote % | diff pp [95% CI] |",
+                    "|---|---|---|---|---|",
+                    *program_rows,
+                    "",
+                ]
     return "\n".join(lines)
 
 

@@ -86,3 +86,15 @@ def test_early_exit_replay_stops_at_the_first_agreeing_layer_before_the_last():
     assert adaptive.replay_exit(record, 1.0) == (0.0, 120, 60)  # no agreement before the last layer
     (row,) = adaptive.exit_replay_rows([record], "aft", [0.75])
     assert row.startswith("| aft | 0.75 | 1 | 100.0 | 0.0 | +100.0") and row.endswith("| 0.33 | 1 |")
+
+
+def test_program_vote_replay_groups_identical_programs():
+    fence = "```python\ndef f():\n    return {}\n```"
+    texts = [fence.format(1), fence.format(2), fence.format(2).replace("def f():", "def f():\n    # two")]
+    layer = {"texts": texts, "answers": ["", "", ""], "scores": [1.0, 0.0, 0.0]}
+    sc = {"strategy": "sc", "task_id": "t0", "error": None, "final_score": 1.0, "layers": [layer]}
+    other = {**sc, "strategy": "sc+behaviour", "final_score": 1.0}
+    rows = adaptive.program_vote_rows([sc, other], "sc", lambda r, ly: [adaptive.program_key(t, "f") for t in ly["texts"]], ["sc+behaviour"])
+    # Two of the three are one program (a comment aside) and wrong: the program vote picks it.
+    assert rows[0].startswith("| sc (measured) | 1 | 100.0 | 0.0 | +100.0")
+    assert rows[1].startswith("| sc+behaviour | 1 | 100.0 | 0.0 | +100.0")
