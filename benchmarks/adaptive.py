@@ -20,7 +20,9 @@ bootstrap interval over questions, and the mean prompt and generated tokens of b
 ratio (the issue's bar: early exit >= 30% fewer total tokens, accuracy inside the interval).
 Confidence-weighted voting is compared with the plain vote *on the same samples*: the plain vote is
 the majority of the confidence run's own proposals (layer 0), so the comparison costs no extra
-generation. ``--base-url http://HOST:PORT/v1`` runs against a ``vllm serve`` instead.
+generation. ``--base-url http://HOST:PORT/v1`` runs against a ``vllm serve`` instead. The records
+are packed into ``data/adaptive/`` (gzipped, with a manifest; committed) after every run and
+restored from there first, so the tables and replays come back on a fresh clone.
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ from aft_graph.eval import (  # noqa: E402
 from aft_graph.tasks import load_suite  # noqa: E402
 from aft_graph.tasks.code import program_key  # noqa: E402
 from benchmarks._notes import keep_notes  # noqa: E402
+from trainer.datapack import pack, unpack  # noqa: E402
 
 RUNS = ROOT / "runs" / "adaptive"
+DATA = ROOT / "data" / "adaptive"
 DOC = ROOT / "docs" / "adaptive.md"
 FIGURE = ROOT / "docs" / "adaptive_accuracy_vs_tokens.png"
 
@@ -419,12 +423,17 @@ def main() -> None:
         "are left out of the report)",
     )  # fmt: skip
     args = parser.parse_args()
+    # The records travel in git (data/adaptive, gzipped with a manifest): a fresh clone reports,
+    # replays and resumes from them instead of regenerating an hour of samples.
+    unpack(DATA, args.runs)
     if args.step == "reasoning":
         args.n = args.n or 60
         asyncio.run(_run(args, REASONING, args.suite, args.runs / "reasoning"))
     elif args.step == "code":
         args.n = args.n or 24
         asyncio.run(_run(args, CODE, "humaneval", args.runs / "code"))
+    if args.step != "report":
+        pack(args.runs, DATA)
     text = report(args.runs)
     figure = plot(args.runs)
     if figure is not None:
