@@ -21,6 +21,7 @@ the selection falls back (plain vote; stated examples only) and says so.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,12 @@ class FinalChoice:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=256)
+def _code_problem(question: str) -> CodeProblem | None:
+    # Parsed once per question, not per layer; bounded, since one graph serves many questions.
+    return CodeProblem.from_question(question)
+
+
 class AdaptivePolicy:
     """Applies one configuration's adaptive and selection settings for one backend.
 
@@ -103,7 +110,6 @@ class AdaptivePolicy:
     def __init__(self, config: AggregateConfig, backend: Backend) -> None:
         self.config = config
         self.backend = backend
-        self._problems: dict[str, CodeProblem | None] = {}
         if config.needs_logprobs and not supports_logprobs(backend):
             modes = [
                 m
@@ -227,15 +233,10 @@ class AdaptivePolicy:
         :func:`aft_graph.answers.extract_answer` in ``config.answer_format``.
         """
         if self.config.answer_format == "auto":
-            problem = self._code_problem(question)
+            problem = _code_problem(question)
             if problem is not None:
                 return [program_key(t, problem.entry_point) for t in texts]
         return [extract_answer(t, self.config.answer_format) for t in texts]
-
-    def _code_problem(self, question: str) -> CodeProblem | None:
-        if question not in self._problems:
-            self._problems[question] = CodeProblem.from_question(question)
-        return self._problems[question]
 
     # ------------------------------------------------------------------ code
 

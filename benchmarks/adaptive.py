@@ -338,6 +338,7 @@ def report(runs: Path = RUNS) -> str:
         if not records:
             continue
         lines += [f"## {suite}", "", header, rule, *pair_rows(records, pairs), ""]
+        # Code records are read as the graph reads code now (one suite load per report).
         answers_of = program_answers() if suite == "code" else _stored_answers
         replayed = [
             row
@@ -370,7 +371,7 @@ def report(runs: Path = RUNS) -> str:
             if ref:
                 lines += [ref, ""]
             program_rows = program_vote_rows(
-                records, "sc", program_answers(), ["sc+behaviour", "sc+behaviour+inputs"]
+                records, "sc", answers_of, ["sc+behaviour", "sc+behaviour+inputs"]
             )
             if program_rows:
                 lines += [

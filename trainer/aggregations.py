@@ -32,7 +32,7 @@ from aft_graph.tasks import Verifier
 
 from ._run import bounded_map, progress
 from .config import AggregationConfig
-from .records import AggregationRecord, DataReport, JsonlWriter, ProposalRecord
+from .records import AggregationRecord, DataReport, JsonlWriter, Proposal, ProposalRecord
 
 __all__ = [
     "aggregation_request",
@@ -121,7 +121,7 @@ def _verified_proposal(
     kept = record.proposals[: config.k] if config.k else record.proposals
     accepted: list[tuple[str, float]] = []
     for p in kept:
-        reward = p.reward if p.reward is not None else verifier.score(record, p.text)
+        reward = _reward(record, p, verifier)
         if reward < verifier.threshold or not p.text.strip():
             continue
         if config.drop_truncated and p.finish_reason == "length":
@@ -140,11 +140,13 @@ def _verified_proposal(
 
 
 def _has_accepted_proposal(record: ProposalRecord, config: AggregationConfig, verifier: Verifier) -> bool:
-    texts, rewards = _proposals_of(record, config)
-    return any(
-        (reward if reward is not None else verifier.score(record, text)) >= verifier.threshold
-        for text, reward in zip(texts, rewards, strict=True)
-    )
+    kept = record.proposals[: config.k] if config.k else record.proposals
+    return any(_reward(record, p, verifier) >= verifier.threshold for p in kept)
+
+
+def _reward(record: ProposalRecord, proposal: Proposal, verifier: Verifier) -> float:
+    """The proposal's stored reward, or the verifier's score where selection stored none."""
+    return proposal.reward if proposal.reward is not None else verifier.score(record, proposal.text)
 
 
 def copies_proposal(text: str, proposals: Iterable[str]) -> bool:
@@ -162,8 +164,9 @@ def _prefer_own_words(
     working) first; verbatim copies of a proposal last, or never (``config.copies``)."""
     if config.copies == "allow":
         return targets[: config.keep]
-    own = [t for t in targets if not copies_proposal(t[0], proposals)]
-    copied = [t for t in targets if copies_proposal(t[0], proposals)]
+    own, copied = [], []
+    for target in targets:
+        (copied if copies_proposal(target[0], proposals) else own).append(target)
     if copied:
         report.note("accepted aggregations that copy a proposal", len(copied))
     own.sort(key=lambda t: not _shows_working(t[0]))  # stable: sampling order otherwise
