@@ -687,6 +687,18 @@ class TestTrainingExamples:
         assert [e["kind"] for e in examples] == ["aggregation", "plain"]
         assert report.skipped["plain data: no target or proposal"] == 1
 
+    def test_drop_copies_leaves_out_targets_that_restate_a_proposal(self, tmp_path, tokenizer):
+        good = arecord().model_dump()
+        copy = {**good, "id": "c#0", "query_id": "c", "target": f"  {good['proposals'][1]}\n"}
+        data = write_jsonl(tmp_path / "a.jsonl", [good, copy])
+        kept = build_examples(tokenizer, SFTConfig(data=(data,), output_dir=tmp_path / "r"))
+        assert len(kept) == 2
+        report = DataReport(stage="sft")
+        cfg = SFTConfig(data=(data,), output_dir=tmp_path / "r", drop_copies=True)
+        (ex,) = build_examples(tokenizer, cfg, report=report)
+        assert report.notes["targets that copy a proposal left out (drop_copies)"] == 1
+        assert good["target"] in tokenizer.decode(ex["input_ids"])
+
     def test_collator_pads_labels_with_ignore_index(self):
         collate = CompletionCollator(pad_token_id=0)
         batch = collate(

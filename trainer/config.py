@@ -289,6 +289,12 @@ class SFTConfig(_Config):
     shuffle_proposals: bool = Field(
         False, description="Shuffle each example's proposals (position robustness)."
     )
+    drop_copies: bool = Field(
+        False,
+        description="Skip examples whose target restates one of its proposals verbatim (counted): "
+        "such targets teach copying. Lets data written under copies=prefer_other train as if "
+        "it had been written under copies=reject.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SFTConfig:

@@ -221,4 +221,5 @@ def _sft_config(config: DemoConfig, out: Path) -> SFTConfig:
         warmup_steps=min(3, config.steps // 10),
         save_steps=max(config.steps // 2, 1),
         seed=config.seed,
+        drop_copies=config.copies == "reject",
     )

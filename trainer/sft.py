@@ -29,7 +29,7 @@ from typing import Any
 from aft_graph.prompts import aggregation_messages, proposal_messages
 
 from ._models import load_causal_lm
-from .aggregations import get_template
+from .aggregations import copies_proposal, get_template
 from .config import SFTConfig
 from .records import AggregationRecord, DataReport, Proposal, TaskRecord, read_records
 from .target_loss import target_logits_trainer
@@ -162,6 +162,10 @@ def build_examples(
     else:
         records = list(records)
         report.read += len(records)
+    if config.drop_copies:
+        kept = [r for r in records if not copies_proposal(r.target, r.proposals)]
+        report.note("targets that copy a proposal left out (drop_copies)", len(records) - len(kept))
+        records = kept
     rng = random.Random(config.seed)
     items: list[tuple[AggregationRecord, str]] = [(r, config.input_mode) for r in records]
     if config.plain_fraction > 0 and config.input_mode == "aggregation":
