@@ -12,6 +12,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
 AGENT_NOTEBOOK = EXAMPLES / "03_tool_calling_agent.ipynb"  # has its own test below
+AFT_NOTEBOOK = EXAMPLES / "04_aft_model.ipynb"  # its own test below, on the default model
 
 
 def test_examples_are_listed_in_the_readme():
@@ -21,7 +22,7 @@ def test_examples_are_listed_in_the_readme():
         assert nb.name in readme, f"{nb.name} is missing from examples/README.md"
 
 
-@pytest.mark.parametrize("notebook", [nb for nb in NOTEBOOKS if nb != AGENT_NOTEBOOK], ids=lambda p: p.stem)
+@pytest.mark.parametrize("notebook", [nb for nb in NOTEBOOKS if nb not in (AGENT_NOTEBOOK, AFT_NOTEBOOK)], ids=lambda p: p.stem)
 def test_notebook_runs(notebook, small_model_dir, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
@@ -67,3 +68,25 @@ def test_tool_calling_agent_notebook(tmp_path, monkeypatch):
     # Routing is measured, not perfect (9/12 measured here); far above chance (1/3) all the same.
     assert len(out["routes"]) == 12 and out["routing_accuracy"] >= 0.5, out
 
+
+
+@pytest.mark.skipif(not AFT_NOTEBOOK.is_file(), reason="04_aft_model.ipynb is still a draft")
+def test_aft_model_notebook(tmp_path, monkeypatch):
+    """The shipped adapter against the base model on the same proposals, layer by layer, and the
+    recipe's stages at toy scale (default model: the adapter is trained on it)."""
+    out = _run_for_results(
+        AFT_NOTEBOOK, tmp_path, monkeypatch,
+        AFT_GRAPH_EXAMPLE_QUESTIONS="4", AFT_GRAPH_EXAMPLE_MAX_TOKENS="128",
+    )  # fmt: skip
+    assert len(out["rows"]) == 4
+    for row in out["rows"]:
+        assert len(row["proposals"]) == 3 and isinstance(row["base_ok"], bool)
+    # The adapter is applied: greedy aggregation of the same prompt differs from the base model's.
+    assert out["changed"] >= 1, out["rows"]
+    # Every layer streamed, for both aggregators: the proposals and three aggregation layers.
+    for name in ("base", "aft"):
+        assert out["layers"][name] == [0, 1, 2, 3], out["layers"]
+    # The toy recipe wrote examples and trained on them: two finite losses.
+    assert out["toy_examples"] >= 1
+    losses = [loss for _step, loss in out["toy_losses"]]
+    assert len(losses) == 2 and all(loss == loss and loss >= 0 for loss in losses)
