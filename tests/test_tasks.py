@@ -221,6 +221,35 @@ async def test_stages_chain_on_a_scripted_engine(tmp_path):
     assert len(backend.calls) == calls + 2 and not other.exists()
 
 
+async def test_own_heldout_proposals_pair_with_the_base_models(tmp_path):
+    """The evaluated model's own held-out proposals: same tasks, same seeds, the base order."""
+    from trainer import stages
+
+    q = stages.queries(tmp_path, DEFAULT_MIX, 2, 3, seed=710_000, eval_suites=())
+    base_model = ScriptedBackend(_answering(q.heldout))
+    await stages.proposals(base_model, q.heldout, tmp_path / "eval_proposals.jsonl", samples=2, max_tokens=16, show_progress=False)
+    base = [ProposalRecord.model_validate_json(line) for line in (tmp_path / "eval_proposals.jsonl").read_text().splitlines()]
+    base = base[::-1]  # whatever order the base records are in, the own ones follow it
+    trained = ScriptedBackend(_answering(q.heldout))
+    own_path = tmp_path / "eval_proposals_merged.jsonl"
+    own = await stages.own_heldout_proposals(trained, q.heldout, base, own_path, samples=2, max_tokens=16, lora="aft", show_progress=False)
+    assert [r.id for r in own] == [r.id for r in base]
+    assert len(trained.calls) == 3 and all(c.lora == "aft" for c in trained.calls)
+    # The same per-task seeds as the base model's proposals: only the model differs.
+    assert sorted(c.sampling.seed for c in trained.calls) == sorted(c.sampling.seed for c in base_model.calls)
+    again = await stages.own_heldout_proposals(trained, q.heldout, base, own_path, samples=2, max_tokens=16, show_progress=False)
+    assert again == own and len(trained.calls) == 3  # resumed: nothing sampled twice
+    # A query without proposals is named, and running again samples only that one.
+    lines = own_path.read_text().splitlines()
+    own_path.write_text("\n".join(lines[1:]) + "\n")
+    with pytest.raises(RuntimeError, match="1 held-out queries got no proposal"):
+        await stages.own_heldout_proposals(
+            ScriptedBackend(lambda request, i: ""), q.heldout, base, own_path, samples=2, max_tokens=16, show_progress=False
+        )
+    await stages.own_heldout_proposals(trained, q.heldout, base, own_path, samples=2, max_tokens=16, show_progress=False)
+    assert len(trained.calls) == 4
+
+
 def test_paired_comparisons_of_the_trained_aggregator():
     from trainer import stages
 

@@ -386,10 +386,14 @@ def heldout(
     model: Annotated[str | None, typer.Option(help="Aggregate with this model instead of the recipe's (e.g. an adapter's merged directory from `aft-train export`: LoRA serving on a CPU is about 2.5x slower).")] = None,
     base_url: Annotated[list[str] | None, typer.Option(help="A running OpenAI-compatible server (repeatable: a fleet) serving --model (or the recipe's model) instead of an in-process engine.")] = None,
     direct: Annotated[bool, typer.Option("--direct/--no-direct", help="Also answer each question directly (single call, no proposals).")] = False,
+    own_proposals: Annotated[bool, typer.Option("--own-proposals/--base-proposals", help="Sample the held-out proposals with the evaluated model too (the whole AFT pipeline on one model, as the AFT paper runs it; same count, seeds and budget as the recipe's), instead of aggregating the base model's stored ones. Paired against the base model's pipeline on the same questions.")] = False,
 ) -> None:
     """Ablate the aggregator on a recipe's stored held-out proposals: greedy aggregation with another
     prompt and/or adapter, paired against the recipe's untrained aggregator and the votes of the
-    same proposals. Rows go to the run directory and are packed into the data directory."""
+    same proposals. Rows go to the run directory and are packed into the data directory.
+
+    With ``--own-proposals`` the evaluated model also writes the proposals, and the comparison is
+    pipeline against pipeline at the same calls: votes of both models' proposals are listed."""
     from aft_graph.adapters import resolve_adapter
     from aft_graph.prompts import TEMPLATES
     from aft_graph.tasks import Verifier
@@ -397,7 +401,7 @@ def heldout(
     from . import datapack, stages
     from .aggregations import copies_proposal
     from .backend import make_backend
-    from .records import ProposalRecord, read_records
+    from .records import ProposalRecord, TaskRecord, read_records
 
     cfg = _build(DemoConfig, config)
     if template not in TEMPLATES:
@@ -413,26 +417,43 @@ def heldout(
             f"{out} has no held-out proposals or untrained-aggregator rows: run `aft-train demo "
             f"--config {config}` (or `make train-aft`) through its 'evaluation before' stage first"
         )
-    records = list(read_records(out / "eval_proposals.jsonl", ProposalRecord))
+    base_records = list(read_records(out / "eval_proposals.jsonl", ProposalRecord))
+    records = base_records
     verifier = Verifier("auto", last_number=cfg.last_number)
     k = cfg.aggregation_k or cfg.k
+    n_all = cfg.heldout_samples or cfg.k
     lora = str(resolve_adapter(adapter)) if adapter else None
+    if own_proposals and not (model or adapter):
+        raise typer.BadParameter(
+            "--own-proposals samples proposals with the evaluated model: give --model (a merged "
+            "directory) or --adapter; the base model's own proposals are the recipe's stored ones"
+        )
+    tag = "_".join(
+        ([Path(adapter).name] if adapter else []) + ([Path(model).name] if model else [])
+    )  # fmt: skip
+    own_path = out / f"eval_proposals_{tag}.jsonl"
     name = "heldout_" + "_".join(
         [template]
-        + ([Path(adapter).name] if adapter else [])
-        + ([Path(model).name] if model else [])
+        + ([tag] if tag else [])
         + (["direct"] if direct else [])
+        + (["own-proposals"] if own_proposals else [])
     ) + ".json"  # fmt: skip
     served = model or cfg.model
     if base_url and model and Path(model).is_dir():
         served = str(Path(model).resolve())  # vLLM's server names a model by its path
 
     async def main() -> list[dict[str, Any]]:
+        nonlocal records
         if base_url:
             backend = make_backend(served, engine="openai", base_url=base_url)
         else:
             backend = make_backend(served, max_model_len=cfg.max_model_len)
         try:
+            if own_proposals:
+                records = await stages.own_heldout_proposals(
+                    backend, list(read_records(out / "tasks_eval.jsonl", TaskRecord)), base_records,
+                    own_path, samples=n_all, max_tokens=cfg.proposal_tokens, lora=lora,
+                )  # fmt: skip
             return await stages.evaluate(
                 backend, records, out / name, lora=lora, k=k, max_tokens=cfg.aggregation_tokens,
                 verifier=verifier, strict=Verifier("auto"), template=template, direct=direct,
@@ -444,11 +465,17 @@ def heldout(
     _terminate_gracefully()
     rows = asyncio.run(main())
     before = json.loads(base_rows.read_text())["rows"]
-    n_all = cfg.heldout_samples or cfg.k
-    votes = {f"majority of {k}": stages.vote_scores(records, verifier, k)}
-    if n_all != k:
-        votes[f"majority of {n_all}"] = stages.vote_scores(records, verifier, n_all)
+    sources = [(" (base proposals)" if own_proposals else "", base_records)]
+    if own_proposals:
+        sources.append((" (own proposals)", records))
+    votes = {}
+    for kind, recs in sources:
+        votes[f"majority of {k}{kind}"] = stages.vote_scores(recs, verifier, k)
+        if n_all != k:
+            votes[f"majority of {n_all}{kind}"] = stages.vote_scores(recs, verifier, n_all)
     paired = stages.paired_comparisons(rows, before, votes)
+    if own_proposals:  # the baseline row is then the base model's whole pipeline
+        paired = {"base model, AFT on its own proposals": paired.pop("untrained aggregator"), **paired}
     if cfg.data_dir is not None:
         datapack.pack(
             out, cfg.data_dir, config=json.loads(cfg.model_dump_json()), inherited=cfg.inherit_data
@@ -459,6 +486,9 @@ def heldout(
         f"{name}: aggregator accuracy {accuracy:.3f} on {len(rows)} held-out queries; "
         f"{copies} aggregations copy a proposal verbatim"
     )
+    for kind, recs in sources:
+        mean = stages.proposal_baselines(recs, verifier, n_all)["proposal_accuracy"]
+        typer.echo(f"proposals{kind or ''}: {mean:.3f} right per sample")
     if direct:
         base_direct = sum(r.get("direct_score", 0.0) >= 1.0 for r in before) / len(before)
         own = sum(r["direct_score"] >= 1.0 for r in rows) / len(rows)

@@ -47,6 +47,7 @@ __all__ = [
     "evaluate",
     "export",
     "graph_runs",
+    "own_heldout_proposals",
     "paired_comparisons",
     "proposal_baselines",
     "proposals",
@@ -161,6 +162,37 @@ async def proposals(
     skipped); see :func:`trainer.proposals.sample_proposals`."""
     config = ProposalConfig(samples=samples, max_tokens=max_tokens)
     return await sample_proposals(backend, tasks, config, out, show_progress=show_progress)
+
+
+async def own_heldout_proposals(
+    backend: Backend,
+    tasks: Sequence[TaskRecord],
+    base: Sequence[ProposalRecord],
+    out: str | Path,
+    *,
+    samples: int,
+    max_tokens: int,
+    lora: str | None = None,
+    show_progress: bool = True,
+) -> list[ProposalRecord]:
+    """Held-out proposals written by the evaluated model itself (the whole AFT pipeline on one
+    model), in the order of the base model's ``base`` records and with the same per-task seeds, so
+    that pipelines compare question by question. Resumes from ``out``.
+
+    Raises:
+        RuntimeError: some query of ``base`` got no proposal (the error names the first; running
+            again retries only the missing ones).
+    """
+    config = ProposalConfig(samples=samples, max_tokens=max_tokens, lora=lora, concurrency=32)
+    await sample_proposals(backend, tasks, config, out, show_progress=show_progress)
+    by_id = {r.id: r for r in read_records(out, ProposalRecord)}
+    missing = [r.id for r in base if r.id not in by_id]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} held-out queries got no proposal (first: {missing[0]}); run again: it "
+            f"resumes from {out} and samples only those"
+        )
+    return [by_id[r.id] for r in base]
 
 
 async def select(
