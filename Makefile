@@ -1,5 +1,6 @@
 # aft-graph — every target does its own set-up first; a second run re-installs nothing.
-#   make demo    set up, then answer a question on the embedded default model (live view of layers)
+#   make demo    set up, then answer a question on the embedded default model (live view of layers;
+#                the shipped AFT adapter aggregates)
 #   make test    set up, then run the whole test suite (unit + integration on the real small model)
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -31,7 +32,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/aft-graph run "$(DEMO_QUESTION)" --proposals 4 --layers 1
+	$(BIN)/aft-graph run "$(DEMO_QUESTION)" --proposals 4 --layers 1 --aggregator aft
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
