@@ -4,11 +4,13 @@ the confidence modes of the graph end to end on the in-process vLLM engine (smal
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 
 from aft_graph import AggregateConfig, SamplingConfig, build_graph
 from aft_graph.backends.base import GenerationRequest, Sampling
+from aft_graph.hardware import cpu_profile
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -22,7 +24,8 @@ def _request(**sampling) -> GenerationRequest:
 
 
 def _teacher_forced(model_dir, prompt_ids: list[int], text: str) -> tuple[list[int], list[float]]:
-    """The generated text's token ids (re-encoded) and their log-probabilities under transformers."""
+    """The generated text's token ids (re-encoded) and their log-probabilities under transformers
+    (float32: the model's own values)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -42,13 +45,19 @@ async def test_vllm_logprobs_match_a_forward_pass_and_drive_confidence(vllm_back
     assert len(greedy.token_logprobs) == greedy.completion_tokens
     assert all(math.isfinite(v) and v <= 0 for v in greedy.token_logprobs)
     prompt_ids = vllm_backend.encode_prompt(_request())
-    ids, forced = _teacher_forced(small_model_dir, prompt_ids, greedy.text)
     # Re-encoding the text gives the generated tokens back at least at the start; there the
-    # engine's values are the model's own (raw log-probabilities, float32 on this CPU).
+    # engine's values are the model's own (raw log-probabilities).
+    ids, forced = _teacher_forced(small_model_dir, prompt_ids, greedy.text)
     k = min(12, len(ids), len(greedy.token_logprobs))
     assert k >= 4
-    for got, want in zip(greedy.token_logprobs[:k], forced[:k], strict=True):
-        assert got == pytest.approx(want, abs=0.02)
+    diffs = [abs(got - want) for got, want in zip(greedy.token_logprobs[:k], forced[:k], strict=True)]
+    if cpu_profile().vllm_dtype == "float32":  # the engine's dtype on this CPU (AVX2)
+        assert max(diffs) <= 0.02, diffs
+    else:
+        # bfloat16 (AVX-512 BF16 / AMX): most tokens agree with the float32 pass to about 0.01,
+        # a few move by up to 0.25 (seen: -0.664 vs -0.916), so the typical value and the worst
+        # one are bounded apart.
+        assert statistics.median(diffs) <= 0.03 and max(diffs) <= 0.35, diffs
     # Greedy tokens are the model's most likely ones: surer than hot samples of the same prompt.
     hot = await vllm_backend.generate(_request(temperature=1.8, max_tokens=24, n=4, seed=3))
     assert greedy.mean_logprob > max(c.mean_logprob for c in hot)
