@@ -482,6 +482,42 @@ class TestAggregations:
         assert report.notes["left out: no accepted proposal (require_accepted_proposal)"] == 2
         assert written_ids(tmp_path / "a.jsonl") == {"t0#0"}
 
+    async def test_solution_targets_answer_the_plain_prompt_where_every_proposal_is_wrong(self, tmp_path):
+        from trainer import stages
+
+        wrong = ["2 + 3 = 4. <answer>4</answer>", "I get 6. <answer>6</answer>"]
+        records = [
+            precord(0, ["<answer>5</answer>", "<answer>4</answer>"], rewards=[1.0, 0.0]),
+            precord(1, wrong, rewards=[0.0, 0.0]),
+        ]
+        write_jsonl(tmp_path / "selected.jsonl", [r.model_dump(mode="json") for r in records])
+        # t0 already has a self target: only t1 is sampled, from the plain question prompt.
+        done = AggregationRecord(
+            **{**records[0].task_fields(), "id": "t0#0"}, query_id="t0", proposals=records[0].texts(),
+            target="<answer>5</answer>", target_source="self",
+        )  # fmt: skip
+        write_jsonl(tmp_path / "aggregations.jsonl", [done.model_dump(mode="json")])
+        # A verbatim copy of a shown (wrong) proposal, a wrong answer, and two right solutions.
+        script = [wrong[0], "<answer>7</answer>", "Add: 2 + 3 = 5. <answer>5</answer>", "<answer>5</answer>"]
+        backend = ScriptedBackend(script)
+        cfg = AggregationConfig(mode="solution", samples=4, keep=1, copies="reject", lora="aft")
+        report, rows = await stages.solution_targets(backend, tmp_path, cfg, Verifier("tag"), show_progress=False)
+        (call,) = backend.calls
+        assert list(call.messages) == proposal_messages(records[1].question)
+        assert call.lora == "aft" and call.sampling.n == 4
+        (row,) = rows
+        assert row.query_id == "t1" and row.proposals == wrong and row.target_source == "solution"
+        assert row.target == "Add: 2 + 3 = 5. <answer>5</answer>"  # shows its working: preferred
+        assert report.notes["aggregations accepted"] == 2
+        # The training prompt is the aggregation prompt with the wrong proposals in it.
+        assert example_messages(row) == aggregation_messages(records[1].question, wrong, AFT_TEMPLATE)
+        # Resumed: nothing is sampled again.
+        again = ScriptedBackend(script)
+        await stages.solution_targets(again, tmp_path, cfg, Verifier("tag"), show_progress=False)
+        assert again.calls == []
+        with pytest.raises(ValueError, match="mode='solution'"):
+            await stages.solution_targets(again, tmp_path, AggregationConfig(), Verifier("tag"), show_progress=False)
+
     async def test_keep_limit_and_rejected_queries_are_not_redone(self, tmp_path):
         records = [precord(0, ["a"]), precord(1, ["b"])]
 
@@ -768,6 +804,14 @@ class TestCli:
         r = runner.invoke(app, ["aggregations", "--data", str(sel), "--out", str(agg), "--mode", "reference"])
         assert r.exit_code == 0, r.output
         assert len(list(read_records(agg, AggregationRecord))) == 4
+        # A second target source only for the queries the first one left without a target.
+        first = list(read_records(agg, AggregationRecord))[:3]
+        write_jsonl(tmp_path / "first.jsonl", [json.loads(r.model_dump_json()) for r in first])
+        rest = tmp_path / "rest.jsonl"
+        r = runner.invoke(app, ["aggregations", "--data", str(sel), "--out", str(rest), "--mode", "reference", "--skip-targeted", str(tmp_path / "first.jsonl")])
+        assert r.exit_code == 0, r.output
+        assert "3 queries already have a target" in r.output
+        assert [x.query_id for x in read_records(rest, AggregationRecord)] == [kept[3].id]
 
     def test_config_file_and_bad_options(self, tmp_path):
         runner = CliRunner()

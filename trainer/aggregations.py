@@ -6,6 +6,12 @@ Modes (``AggregationConfig.mode``):
   and keep only those the verifier accepts (rejection sampling);
 - ``teacher``: a teacher model's aggregation through any backend (verified too, unless
   ``verify=False`` for unverifiable data);
+- ``solution`` (the AFT paper's construction, where the target is a good response to the query
+  rather than something derived from the proposals): verified answers sampled from the plain
+  question prompt (no proposals), paired with the record's proposals in the aggregation prompt.
+  It reaches the queries where every proposal is wrong, which ``self`` cannot (its samples are
+  pulled to the wrong proposals): the aggregator learns that the proposals are evidence, not
+  the answer;
 - ``verified_proposal`` (no generation): one of the prompt's own proposals that the verifier
   accepts, preferring one that shows its working over a bare answer; the aggregator learns to pick
   the right proposal and restate it, also when it is in the minority;
@@ -27,7 +33,7 @@ from pathlib import Path
 
 from aft_graph.answers import extract_answer
 from aft_graph.backends.base import Backend, GenerationRequest, PromptTooLongError, derive_seed
-from aft_graph.prompts import TEMPLATES, PromptTemplate, aggregation_messages
+from aft_graph.prompts import TEMPLATES, PromptTemplate, aggregation_messages, proposal_messages
 from aft_graph.tasks import Verifier
 
 from ._run import bounded_map, progress
@@ -179,7 +185,14 @@ def _prefer_own_words(
 def aggregation_request(
     record: ProposalRecord, config: AggregationConfig
 ) -> GenerationRequest:
-    """The aggregation request for a record: the graph's aggregator prompt, sampled n times."""
+    """The sampling request for a record's targets: the graph's aggregator prompt (or, in
+    ``solution`` mode, the graph's plain proposal prompt), sampled ``config.samples`` times."""
+    if config.mode == "solution":
+        return GenerationRequest(
+            messages=tuple(proposal_messages(record.question)),
+            sampling=config.sampling(derive_seed(config.seed, "solution", record.id)),
+            lora=config.lora,
+        )
     texts, _ = _proposals_of(record, config)
     messages = aggregation_messages(record.question, texts, get_template(config.template))
     return GenerationRequest(
@@ -203,10 +216,10 @@ async def build_aggregations(
     template = get_template(config.template)  # fails early on a bad name
     records = list(records)
     report = DataReport(stage=f"aggregations ({config.mode})", read=len(records))
-    if config.mode in ("self", "teacher") and backend is None:
+    if config.mode in ("self", "teacher", "solution") and backend is None:
         raise ValueError(f"mode={config.mode!r} samples aggregations: give a backend")
     verifier = verifier or Verifier(config.answer_format, last_number=config.last_number)
-    must_verify = config.mode == "self" or (config.mode == "teacher" and config.verify)
+    must_verify = config.mode in ("self", "solution") or (config.mode == "teacher" and config.verify)
     records, capped = cap_agreeing(records, config, verifier)
     if capped:
         report.note("left out: all proposals agree (max_agreeing_fraction)", capped)

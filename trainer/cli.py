@@ -243,13 +243,15 @@ def aggregations(
     seed: Annotated[int | None, typer.Option(help=_h(AggregationConfig, "seed"))] = None,
     lora: Annotated[str | None, typer.Option(help=_h(AggregationConfig, "lora"))] = None,
     last_number: Annotated[bool | None, typer.Option("--last-number/--strict", help=_h(AggregationConfig, "last_number"))] = None,
+    skip_targeted: Annotated[Path | None, typer.Option(help="Leave out the queries that already have a target in this jsonl of AggregationRecords (e.g. --mode solution after --mode self).")] = None,
     engine: Engine = "vllm",
     base_url: BaseUrl = None,
     max_model_len: MaxLen = 2048,
     overwrite: Overwrite = False,
     config: ConfigFile = None,
 ) -> None:
-    """Aggregation targets: teacher, teacher-free (self + verifier), or pseudo (ablations)."""
+    """Aggregation targets: teacher, teacher-free (self + verifier, or verified solutions), or
+    pseudo (ablations)."""
     from .aggregations import build_aggregations
     from .records import DataReport, ProposalRecord, read_records
 
@@ -263,6 +265,12 @@ def aggregations(
     if rep.skipped:
         rep.kept = len(records)
         _print_report(rep)
+    if skip_targeted is not None:
+        from .records import AggregationRecord
+
+        targeted = {r.query_id for r in read_records(skip_targeted, AggregationRecord)}
+        records = [r for r in records if r.id not in targeted]
+        typer.echo(f"{len(targeted)} queries already have a target in {skip_targeted}: {len(records)} left")
     if cfg.mode in ("reference", "proposal"):
         report = asyncio.run(build_aggregations(records, cfg, out, overwrite=overwrite))
     else:

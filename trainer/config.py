@@ -161,11 +161,14 @@ class SelectConfig(_Config):
 class AggregationConfig(_SampledConfig):
     """Aggregation targets: from a teacher, teacher-free (self + verifier), or pseudo (ablation)."""
 
-    mode: Literal["self", "teacher", "verified_proposal", "reference", "proposal"] = Field(
+    mode: Literal["self", "teacher", "solution", "verified_proposal", "reference", "proposal"] = Field(
         "self",
         description="self: sample aggregations from the model itself with the inference prompt and "
         "keep only verifier-accepted ones (rejection sampling); teacher: a teacher model's "
-        "aggregation through any backend; verified_proposal: a proposal of the prompt that the "
+        "aggregation through any backend; solution: the AFT paper's construction: the target is a "
+        "verified answer to the query sampled without the proposals (plain prompt; optionally "
+        "with a LoRA), paired with the proposals in the aggregation prompt, so the aggregator "
+        "learns to answer right also where every proposal is wrong; verified_proposal: a proposal of the prompt that the "
         "verifier accepts, copied (no generation: the aggregator learns to pick and restate the "
         "right one); reference / proposal: pseudo-aggregations not derived from the proposals "
         "(the reference answer / a random kept proposal) for ablations.",
@@ -226,7 +229,9 @@ class AggregationConfig(_SampledConfig):
         "appended, so that every target ends in the format the question asks for.",
     )
     concurrency: int = Field(16, ge=1, description="Requests in flight at once.")
-    lora: str | None = Field(None, description="LoRA adapter of the sampling model (self mode).")
+    lora: str | None = Field(
+        None, description="LoRA adapter of the sampling model (self / solution mode)."
+    )
     rng_seed: int = Field(0, description="Seed of the random choices (mode=proposal).")
 
 
@@ -365,6 +370,19 @@ class DemoConfig(_Config):
         "prefer_other",
         description="Self-aggregation: accepted aggregations that copy a proposal verbatim "
         "(see AggregationConfig).",
+    )
+    solution_fallback: bool = Field(
+        False,
+        description="After the self targets, give every selected query still without one (no "
+        "accepted proposal, or no accepted aggregation) a `solution` target: a verified answer "
+        "sampled from the plain question prompt, paired with the query's proposals "
+        "(aggregations_solution.jsonl; SFT trains on both files).",
+    )
+    solution_samples: int = Field(4, ge=1, description="Solutions sampled per query (solution_fallback).")
+    solution_lora: str | None = Field(
+        None,
+        description="LoRA adapter (a shipped name such as 'aft', or a directory) of the model that "
+        "samples the solution targets; None: the model being trained.",
     )
     aggregation_k: int | None = Field(
         None, ge=1,

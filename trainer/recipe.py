@@ -6,7 +6,8 @@ directory (``aft-train demo`` runs it with the CPU demo's sizes).
 2. proposals: sampled on-policy from the model being trained (vLLM, LoRA serving on);
 3. selection: top-K proposals per query by the verifier (reasoning-gym's own ``score_answer``);
 4. targets: teacher-free, the model's own aggregations with the inference prompt, kept only when
-   the verifier accepts them (rejection sampling);
+   the verifier accepts them (rejection sampling); with ``solution_fallback``, the queries left
+   without one get a verified answer sampled without the proposals (the AFT paper's targets);
 5. SFT: LoRA on (query + proposals -> aggregation), loss on the aggregation tokens only;
 6. evaluation on held-out queries, same proposals before and after: greedy aggregation by the base
    model vs. by the base model + adapter (served per request by the same vLLM engine);
@@ -129,6 +130,16 @@ async def run_recipe(
         report, examples = await stages.targets(backend, out, acfg, verifier, show_progress=show_progress)
         reports.append(report)
         lap("aggregation targets")
+        if config.solution_fallback:
+            scfg = acfg.model_copy(
+                update=dict(mode="solution", samples=config.solution_samples, lora=config.solution_lora)
+            )
+            report, solutions = await stages.solution_targets(
+                backend, out, scfg, verifier, show_progress=show_progress
+            )
+            reports.append(report)
+            examples = examples + solutions
+            lap("solution targets")
 
         report = await stages.proposals(
             backend, q.heldout, out / "eval_proposals.jsonl", samples=config.heldout_samples or config.k,
@@ -210,7 +221,8 @@ async def run_recipe(
 def _sft_config(config: DemoConfig, out: Path) -> SFTConfig:
     return SFTConfig(
         model=config.model,
-        data=(out / "aggregations.jsonl",),
+        data=(out / "aggregations.jsonl",)
+        + ((out / stages.SOLUTION_TARGETS,) if config.solution_fallback else ()),
         output_dir=out / "sft",
         max_steps=config.steps,
         batch_size=config.batch_size,

@@ -158,10 +158,10 @@ class AggregationRecord(TaskRecord):
         default_factory=list, description="Selection reward of each proposal."
     )
     target: str = Field(description="The aggregation the model is trained to write.")
-    target_source: Literal["teacher", "self", "verified_proposal", "reference", "proposal", "dataset"] = Field(
+    target_source: Literal["teacher", "self", "solution", "verified_proposal", "reference", "proposal", "dataset"] = Field(
         "self",
         description="teacher: a teacher model; self: the model's own verified aggregation; "
-        "reference / proposal: pseudo-aggregations (ablations); dataset: loaded as is.",
+        "solution: a verified answer sampled without the proposals; reference / proposal: pseudo-aggregations (ablations); dataset: loaded as is.",
     )
     target_reward: float | None = Field(None, description="Verifier score of the target.")
     template: str = Field("aft", description="Aggregation prompt template (aft_graph.prompts).")

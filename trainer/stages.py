@@ -43,6 +43,7 @@ from .tasks import generate_tasks
 
 __all__ = [
     "HELDOUT_SEED_OFFSET",
+    "SOLUTION_TARGETS",
     "Queries",
     "evaluate",
     "export",
@@ -54,6 +55,7 @@ __all__ = [
     "queries",
     "select",
     "sft",
+    "solution_targets",
     "targets",
     "vote_scores",
 ]
@@ -251,6 +253,36 @@ async def targets(
             "(pseudo-aggregations) to exercise the rest of the recipe"
         )
     return report, examples
+
+
+SOLUTION_TARGETS = "aggregations_solution.jsonl"
+
+
+async def solution_targets(
+    backend: Backend,
+    out_dir: str | Path,
+    config: AggregationConfig,
+    verifier: Verifier,
+    *,
+    show_progress: bool = True,
+) -> tuple[DataReport, list[AggregationRecord]]:
+    """``solution`` targets (``config.mode``) for every selected query that ``aggregations.jsonl``
+    gave no target: ``selected.jsonl`` -> ``aggregations_solution.jsonl`` (resumable).
+
+    Returns:
+        The stage's report and the examples written so far.
+    """
+    if config.mode != "solution":
+        raise ValueError(f"solution_targets needs AggregationConfig(mode='solution'), got {config.mode!r}")
+    out = Path(out_dir)
+    targeted = {r.query_id for r in read_records(out / "aggregations.jsonl", AggregationRecord)}
+    todo = [r for r in read_records(out / "selected.jsonl", ProposalRecord) if r.id not in targeted]
+    report = await build_aggregations(
+        todo, config, out / SOLUTION_TARGETS, backend=backend, verifier=verifier,
+        show_progress=show_progress,
+    )  # fmt: skip
+    report.stage = "solution targets (queries without a self target)"
+    return report, list(read_records(out / SOLUTION_TARGETS, AggregationRecord))
 
 
 async def sft(config: SFTConfig, *, show_progress: bool = True):
