@@ -20,6 +20,7 @@ from trainer.aggregations import aggregation_request, build_aggregations, reject
 from trainer.cli import app
 from trainer.config import (
     AggregationConfig,
+    DemoConfig,
     OffPolicyConfig,
     ProposalConfig,
     SelectConfig,
@@ -906,3 +907,17 @@ def test_vote_summary_groups_equivalent_answers_most_frequent_first():
     user = aggregation_messages("Q?", texts[:3], AFT_VOTE_TEMPLATE)[-1]["content"]
     assert "Final answers stated: 12 (2 of 3 responses), 15 (1 of 3)." in user
     assert user.index("<response id=\"3\">") < user.index("Final answers stated")
+
+
+def test_shipped_recipes_validate():
+    """Every recipe in recipes/ loads: *.sft.json as an SFTConfig (`aft-train sft --config`), the
+    rest as a DemoConfig (`aft-train demo --config`)."""
+    recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.json"))
+    assert any(p.name.endswith(".sft.json") for p in recipes)
+    for path in recipes:
+        data = json.loads(path.read_text())
+        if path.name.endswith(".sft.json"):
+            config = SFTConfig(**data)
+            assert config.init_adapter is None or not config.init_adapter.startswith("/"), path
+        else:
+            DemoConfig(**data)

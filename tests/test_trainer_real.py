@@ -106,6 +106,43 @@ def test_resume_from_checkpoint(trained):
     assert done.steps == STEPS + 1 and done.losses == again.losses
 
 
+def test_second_stage_continues_the_adapter(trained, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    config, result = trained
+    # Shipped adapters name their base model instead of a path on this machine.
+    named = shutil.copytree(result.adapter_dir, tmp_path / "named")
+    info = json.loads((named / "adapter_config.json").read_text())
+    base_path = info["base_model_name_or_path"]
+    info["base_model_name_or_path"] = "SmolLM2-135M-Instruct"
+    (named / "adapter_config.json").write_text(json.dumps(info))
+    second = config.model_copy(
+        update={"output_dir": tmp_path / "out", "max_steps": 2, "save_steps": 2,
+                "init_adapter": str(named), "lora_r": 4, "target_modules": ("q_proj",)}
+    )
+    again = train_sft(second, records=_records(), show_progress=False)
+    # It starts where the first stage ended (a fresh adapter starts at the base model's loss) ...
+    assert again.first_loss < 0.5 * result.first_loss, (again.losses, result.losses)
+    # ... with the first stage's shape, not the config's lora_r / target_modules ...
+    info = json.loads((again.adapter_dir / "adapter_config.json").read_text())
+    assert info["r"] == 8 and len(info["target_modules"]) == 4
+    assert info["base_model_name_or_path"] == base_path  # export finds the base weights
+    # ... and trains it further.
+    before = load_file(str(result.adapter_dir / "adapter_model.safetensors"))
+    after = load_file(str(again.adapter_dir / "adapter_model.safetensors"))
+    assert before.keys() == after.keys()
+    assert any(not bool((before[k] == after[k]).all()) for k in before)
+
+
+def test_second_stage_names_a_missing_adapter(trained, tmp_path):
+    config, _ = trained
+    bad = config.model_copy(update={"output_dir": tmp_path, "init_adapter": str(tmp_path / "nope")})
+    with pytest.raises(FileNotFoundError, match="not a LoRA adapter directory"):
+        train_sft(bad, records=_records(), show_progress=False)
+
+
 @pytest.mark.vllm
 async def test_adapter_served_by_vllm_per_request(trained, vllm_backend):
     _, result = trained

@@ -295,6 +295,7 @@ def sft(
     max_seq_len: Annotated[int | None, typer.Option(help=_h(SFTConfig, "max_seq_len"))] = None,
     lora_r: Annotated[int | None, typer.Option(help=_h(SFTConfig, "lora_r"))] = None,
     lora_alpha: Annotated[int | None, typer.Option(help=_h(SFTConfig, "lora_alpha"))] = None,
+    init_adapter: Annotated[str | None, typer.Option(help=_h(SFTConfig, "init_adapter"))] = None,
     learning_rate: Annotated[float | None, typer.Option("--lr", help=_h(SFTConfig, "learning_rate"))] = None,
     epochs: Annotated[float | None, typer.Option(help=_h(SFTConfig, "epochs"))] = None,
     max_steps: Annotated[int | None, typer.Option("--steps", help=_h(SFTConfig, "max_steps"))] = None,
@@ -311,8 +312,8 @@ def sft(
     cfg = _build(
         SFTConfig, config, data=tuple(data), output_dir=out, model=model, input_mode=input_mode,
         plain_fraction=plain_fraction, plain_data=plain_data, max_seq_len=max_seq_len,
-        lora_r=lora_r, lora_alpha=lora_alpha, learning_rate=learning_rate, epochs=epochs,
-        max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, save_steps=save_steps,
+        lora_r=lora_r, lora_alpha=lora_alpha, init_adapter=init_adapter,
+        learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, save_steps=save_steps,
         resume=resume, seed=seed,
     )
     result = train_sft(cfg)

@@ -265,6 +265,12 @@ class SFTConfig(_Config):
     target_modules: tuple[str, ...] = Field(
         ("q_proj", "k_proj", "v_proj", "o_proj"), description="Modules that get adapters."
     )
+    init_adapter: str | None = Field(
+        None,
+        description="Continue training this LoRA adapter (a shipped name such as 'aft', or an "
+        "adapter directory) instead of a fresh one: its rank, alpha and target modules replace "
+        "lora_r, lora_alpha and target_modules (a second stage of training on new data).",
+    )
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored with max_steps).")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: epochs).")

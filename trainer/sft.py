@@ -337,6 +337,23 @@ def _finished_state(checkpoint: str | None, max_steps: int) -> dict[str, Any] | 
     return state if int(state.get("global_step", 0)) >= max_steps else None
 
 
+def _load_trainable_adapter(model: Any, init_adapter: str, base_path: Path) -> Any:
+    """``model`` wrapped in the adapter ``init_adapter`` (shipped name or directory), trainable."""
+    from peft import PeftModel
+
+    from aft_graph.adapters import resolve_adapter
+
+    from .export import adapter_info
+
+    directory = resolve_adapter(init_adapter, model_path=base_path)
+    adapter_info(directory)  # a clear error when it is not an adapter directory
+    model = PeftModel.from_pretrained(model, str(directory), is_trainable=True)
+    # A shipped adapter names its base model, not this machine's copy of it: record the path, as a
+    # fresh adapter does, so that `aft-train export` finds the base weights.
+    model.peft_config["default"].base_model_name_or_path = str(base_path)
+    return model
+
+
 def train_sft(
     config: SFTConfig,
     *,
@@ -379,7 +396,10 @@ def train_sft(
     )
     if config.gradient_checkpointing:
         model.enable_input_require_grads()
-    model = get_peft_model(model, lora)
+    if config.init_adapter:
+        model = _load_trainable_adapter(model, config.init_adapter, base_path)
+    else:
+        model = get_peft_model(model, lora)
 
     on_gpu = torch.cuda.is_available()
     args = TrainingArguments(
