@@ -1,8 +1,9 @@
 """LoRA adapters shipped inside the package, loadable by name and checked against pinned hashes.
 
-``aft``: the AFT aggregator of the default model (Qwen2.5-Coder-0.5B-Instruct), built by
-the self-aggregation recipe (``recipes/aft-self.json``, on ``make train-aft``'s data; how and what it
-scored: docs/training.md).
+``aft``: the AFT aggregator of the default model (Qwen2.5-Coder-0.5B-Instruct), built in three
+LoRA stages: self-aggregation targets (``recipes/aft-self.json``, on ``make train-aft``'s data),
+then two passes over verified solution targets (``recipes/aft-solve-stage2.sft.json`` and
+``recipes/aft-solve-stage3.sft.json``); how and what it scored: docs/training.md.
 
 >>> backend = VLLMBackend("default", enable_lora=True)
 >>> graph.ainvoke(state, context=AggregateContext(aggregator_lora="aft"))
@@ -68,15 +69,15 @@ SHIPPED_ADAPTERS: dict[str, ShippedAdapter] = {
         base_model="Qwen2.5-Coder-0.5B-Instruct",
         sha256={
             "adapter_config.json": "d414557f7919d709f54c0fbdcd639672dbc82684e1f69974090e337aefd3dd77",
-            "adapter_model.safetensors": "e4b84a273f55bb60b4c54cf2cc635cbcb336fe872ea07f40691078bd886eaff8",
+            "adapter_model.safetensors": "1313cb9d80fd286506e8d39b52d0cd0e56b8c5c6be3fafe6d4b6af7bd1b7f1bc",
         },
         summary=(
-            "AFT adapter of the default model from verified self-aggregation targets: LoRA r=8 "
-            "on q/k/v/o, 60 steps x 4 of 275 own-words examples (recipes/aft-self.json). On 120 "
-            "held-out queries it aggregates the same proposals at 0.417 vs the untrained 0.400 "
-            "(paired +0.017 [-0.025, +0.067], not significant) and answers directly at 0.575 vs "
-            "0.433 (docs/training.md). Replaces the verified-proposal adapter, which copied "
-            "(0.317)"
+            "AFT adapter of the default model: LoRA r=8 on q/k/v/o, 60 steps x 4 on 275 verified "
+            "self-aggregation targets (recipes/aft-self.json), then 2 x 44 steps x 4 on 175 "
+            "verified solution targets (recipes/aft-solve-stage*.sft.json), 115 of them where "
+            "every proposal is wrong. On 120 held-out queries it aggregates the same proposals "
+            "at 0.517 vs the untrained 0.400 (paired +0.117 [+0.008, +0.217]) and a vote of 6 "
+            "proposals' 0.425; direct answer 0.475 vs 0.433 (docs/training.md)"
         ),
     ),
 }
