@@ -28,6 +28,7 @@ from trainer import stages
 from trainer.backend import make_backend
 from trainer.config import DemoConfig
 from trainer.records import ProposalRecord, TaskRecord, read_records
+from trainer.report import paired_table
 from trainer.tasks import generate_tasks
 
 
@@ -90,13 +91,7 @@ def main(
     paired = stages.paired_comparisons(after, before, votes)
     accuracy = sum(r["aggregation_score"] >= 1.0 for r in after) / len(after)
     typer.echo(f"trained aggregator {accuracy:.3f} on {len(after)} fresh held-out questions (K={k})")
-    typer.echo("| baseline | baseline accuracy | trained minus baseline | 95% interval | wins / losses |")
-    typer.echo("|---|---|---|---|---|")
-    for name, p in paired.items():
-        typer.echo(
-            f"| {name} | {p['baseline']:.3f} | {p['difference']:+.3f} | "
-            f"[{p['low']:+.3f}, {p['high']:+.3f}] | {p['wins']} / {p['losses']} |"
-        )
+    typer.echo("\n".join(paired_table(paired, "trained minus baseline")))
     (out / "paired.json").write_text(json.dumps({"accuracy": accuracy, "paired": paired}, indent=2))
 
 

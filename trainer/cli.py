@@ -502,13 +502,9 @@ def heldout(
         base_direct = sum(r.get("direct_score", 0.0) >= 1.0 for r in before) / len(before)
         own = sum(r["direct_score"] >= 1.0 for r in rows) / len(rows)
         typer.echo(f"direct answers: {own:.3f} (the recipe's base model: {base_direct:.3f})")
-    typer.echo("| baseline | baseline accuracy | this minus baseline | 95% interval | wins / losses |")
-    typer.echo("|---|---|---|---|---|")
-    for base, p in paired.items():
-        typer.echo(
-            f"| {base} | {p['baseline']:.3f} | {p['difference']:+.3f} | "
-            f"[{p['low']:+.3f}, {p['high']:+.3f}] | {p['wins']} / {p['losses']} |"
-        )
+    from .report import paired_table
+
+    typer.echo("\n".join(paired_table(paired)))
 
 
 if __name__ == "__main__":  # `python -m trainer.cli` / `accelerate launch -m trainer.cli sft ...`

@@ -9,7 +9,7 @@ from typing import Any
 from .aggregations import copies_proposal
 from .records import AggregationRecord, DataReport, ProposalRecord
 
-__all__ = ["accuracy", "build_summary", "render_report"]
+__all__ = ["accuracy", "build_summary", "paired_table", "render_report"]
 
 RUN_FILES = (
     "proposals.jsonl", "selected.jsonl", "aggregations.jsonl", "aggregations.rejected.jsonl",
@@ -141,7 +141,15 @@ def _paired_lines(paired: dict[str, dict[str, float]]) -> list[str]:
         "Paired on the same questions: the trained aggregator minus each baseline (95% bootstrap "
         "interval, BCa; wins / losses count the questions where exactly one is right).",
         "",
-        "| baseline | baseline accuracy | trained minus baseline | 95% interval | wins / losses |",
+        *paired_table(paired, "trained minus baseline"),
+    ]
+    return [*lines, ""]
+
+
+def paired_table(paired: dict[str, dict[str, float]], column: str = "this minus baseline") -> list[str]:
+    """Markdown rows of :func:`trainer.stages.paired_comparisons` (header included)."""
+    lines = [
+        f"| baseline | baseline accuracy | {column} | 95% interval | wins / losses |",
         "|---|---|---|---|---|",
     ]
     for name, p in paired.items():
@@ -149,7 +157,7 @@ def _paired_lines(paired: dict[str, dict[str, float]]) -> list[str]:
             f"| {name} | {p['baseline']:.3f} | {p['difference']:+.3f} | "
             f"[{p['low']:+.3f}, {p['high']:+.3f}] | {p['wins']} / {p['losses']} |"
         )
-    return [*lines, ""]
+    return lines
 
 
 def render_report(s: dict[str, Any]) -> str:
