@@ -6,7 +6,7 @@ The questions come from the recipe's families with another generator seed, are k
 question and by reasoning-gym item seed) from the recipe's training and held-out queries and from
 every evaluation suite. Every stage resumes from the files it wrote under ``--out``.
 
-Run (about 40 min on a 2-core CPU; after restoring the recipe's run directory, e.g. by
+Run (52 min on a 2-core AVX2 CPU for 100 questions; after restoring the recipe's run directory, e.g. by
 ``aft-train heldout --config recipes/aft-solve.json ...`` or ``aft-train demo``)::
 
     aft-train export --adapter aft --out runs/aft-merged
@@ -27,7 +27,7 @@ from aft_graph.tasks import Verifier, assert_disjoint, evaluation_suites
 from trainer import stages
 from trainer.backend import make_backend
 from trainer.config import DemoConfig
-from trainer.records import ProposalRecord, TaskRecord, read_records
+from trainer.records import JsonlWriter, ProposalRecord, TaskRecord, read_records
 from trainer.report import paired_table
 from trainer.tasks import generate_tasks
 
@@ -46,7 +46,8 @@ def _questions(cfg: DemoConfig, run: Path, n: int, seed: int, out: Path) -> list
     for suite in suites:
         assert_disjoint(tasks, suite, names=("confirmation", f"evaluation suite {suite.name}"))
     out.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(t.model_dump_json() + "\n" for t in tasks))
+    with JsonlWriter(path, overwrite=True) as w:
+        w.write_all(tasks)
     return tasks
 
 

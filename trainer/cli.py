@@ -313,7 +313,8 @@ def sft(
         SFTConfig, config, data=tuple(data), output_dir=out, model=model, input_mode=input_mode,
         plain_fraction=plain_fraction, plain_data=plain_data, max_seq_len=max_seq_len,
         lora_r=lora_r, lora_alpha=lora_alpha, init_adapter=init_adapter,
-        learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, save_steps=save_steps,
+        learning_rate=learning_rate, epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+        grad_accum=grad_accum, save_steps=save_steps,
         resume=resume, seed=seed,
     )
     result = train_sft(cfg)

@@ -337,16 +337,24 @@ def _finished_state(checkpoint: str | None, max_steps: int) -> dict[str, Any] | 
     return state if int(state.get("global_step", 0)) >= max_steps else None
 
 
-def _load_trainable_adapter(model: Any, init_adapter: str, base_path: Path) -> Any:
-    """``model`` wrapped in the adapter ``init_adapter`` (shipped name or directory), trainable."""
-    from peft import PeftModel
-
+def _init_adapter_dir(init_adapter: str, model: str) -> Path:
+    """The checked directory of ``init_adapter`` (shipped name or directory); raises before any
+    model is loaded when it is not an adapter."""
     from aft_graph.adapters import resolve_adapter
+    from aft_graph.models import resolve_model
 
     from .export import adapter_info
 
-    directory = resolve_adapter(init_adapter, model_path=base_path)
-    adapter_info(directory)  # a clear error when it is not an adapter directory
+    # resolve_model is what load_causal_lm calls too (a cached path once the model is converted).
+    directory = resolve_adapter(init_adapter, model_path=resolve_model(model))
+    adapter_info(directory)
+    return directory
+
+
+def _load_trainable_adapter(model: Any, directory: Path, base_path: Path) -> Any:
+    """``model`` wrapped in the adapter in ``directory``, trainable."""
+    from peft import PeftModel
+
     model = PeftModel.from_pretrained(model, str(directory), is_trainable=True)
     # A shipped adapter names its base model, not this machine's copy of it: record the path, as a
     # fresh adapter does, so that `aft-train export` finds the base weights.
@@ -373,6 +381,7 @@ def train_sft(
     from transformers.trainer_utils import get_last_checkpoint
 
     started = time.monotonic()
+    init_dir = _init_adapter_dir(config.init_adapter, config.model) if config.init_adapter else None
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, base_path = load_causal_lm(config.model, config.dtype)
@@ -386,19 +395,19 @@ def train_sft(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=list(config.target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
     if config.gradient_checkpointing:
         model.enable_input_require_grads()
-    if config.init_adapter:
-        model = _load_trainable_adapter(model, config.init_adapter, base_path)
+    if init_dir is not None:
+        model = _load_trainable_adapter(model, init_dir, base_path)
     else:
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=list(config.target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(model, lora)
 
     on_gpu = torch.cuda.is_available()
