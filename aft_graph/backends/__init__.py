@@ -18,7 +18,9 @@ from .base import (
     Sampling,
     supports_logprobs,
 )
+from .cache import CachingBackend
 from .fake import ScriptedBackend
+from .router import AdapterRouter
 
 if TYPE_CHECKING:
     from .chat_model import ChatModelBackend
@@ -27,9 +29,11 @@ if TYPE_CHECKING:
     from .vllm import VLLMBackend
 
 __all__ = [
+    "AdapterRouter",
     "Backend",
     "BackendError",
     "BackendUnavailableError",
+    "CachingBackend",
     "ChatModelBackend",
     "Completion",
     "GenerationRequest",
