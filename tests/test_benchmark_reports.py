@@ -98,3 +98,45 @@ def test_program_vote_replay_groups_identical_programs():
     # Two of the three are one program (a comment aside) and wrong: the program vote picks it.
     assert rows[0].startswith("| sc (measured) | 1 | 100.0 | 0.0 | +100.0")
     assert rows[1].startswith("| sc+behaviour | 1 | 100.0 | 0.0 | +100.0")
+
+
+async def test_matched_report_pairs_both_phases_on_the_questions_all_finished(tmp_path):
+    """benchmarks/aft_matched.py's two phases on scripted engines: the base model proposes (some
+    right) and aggregates wrong, the "merged" aggregator always answers right; the report pairs
+    every strategy on the questions finished by all and shows layers 0-3 of the depth runs."""
+    import aft_matched
+
+    from aft_graph.backends import AdapterRouter, CachingBackend, ScriptedBackend
+    from aft_graph.eval import evaluate
+    from aft_graph.tasks import Task
+
+    tasks = [Task(id=f"t{i}", question=f"What is {i} + 1?", reference=str(i + 1)) for i in range(4)]
+    right = {t.question: t.reference for t in tasks}
+
+    def base(request, i):
+        content = request.messages[-1]["content"]
+        question = next(q for q in right if q in content)
+        aggregating = "<answer>" in content  # the prompt holds proposals
+        guess = "0" if aggregating or i % 2 else right[question]
+        return f"Let me think. <answer>{guess}</answer>"
+
+    def merged(request, _i):
+        question = next(q for q in right if q in request.messages[-1]["content"])
+        return f"Checking each proposal. <answer>{right[question]}</answer>"
+
+    cache, out = tmp_path / "completions.jsonl", tmp_path / "run"
+    await evaluate(CachingBackend(ScriptedBackend(base), cache), tasks, aft_matched.strategies(False), out, progress=False, plots=False)
+    trained = CachingBackend(AdapterRouter(None, {"aft": ScriptedBackend(merged)}), cache)
+    await evaluate(trained, tasks[:3], aft_matched.strategies(True), out, progress=False, plots=False)
+
+    text = aft_matched.report(out)
+    assert text.startswith("3 questions finished by all 8 strategies")  # t3 lacks the trained runs
+    first_table = text.split("\n\n")[1].splitlines()
+    rows = {line.split("|")[1].strip(): line for line in first_table if line.startswith("| ")}
+    assert "| 1.000 [" in rows["aft_K3_L1_aft"] and "| 6.0 |" in rows["aft_K3_L1_aft"]
+    assert "| 0.000 [" in rows["aft_K3_L1"]  # the base model aggregates wrong
+    assert "| aft_K3_L1_aft | aft_K3_L1 | +1.000 [+1.000, +1.000] | 3 / 0 |" in text
+    assert "| 12.0 |" in rows["aft_K3_L3_aft"]
+    depth = [line for line in text.splitlines() if line.startswith("| aft_K3_L3_aft | ")]
+    assert [line.split("|")[2].strip() for line in depth[-4:]] == ["0", "1", "2", "3"]
+    assert "| 1.000 [1.000, 1.000] |" in depth[-1]  # the trained layers are all right

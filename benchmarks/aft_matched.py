@@ -1,0 +1,171 @@
+"""The shipped AFT aggregator inside the graph, at matched compute, on a fresh held-out draw.
+
+Every strategy runs through ``build_graph`` at 6 generation calls per question (384 tokens each,
+temperature 0.7, one shared seed, so all strategies read the same proposals): one sample,
+self-consistency K=6, AFT K=3 L=1 and RSA N=3 K=2 T=1 with the untrained and with the trained
+aggregator, plus the depth runs AFT K=3 L=3 (12 calls: layers 0 to 3, scored one by one).
+
+Two phases, one engine each, so the trained aggregator runs merged at the base model's speed
+(vLLM's CPU LoRA path is about 2.5x slower):
+
+1. ``base``: the base model; every completion goes to a :class:`~aft_graph.backends.CachingBackend`.
+2. ``trained``: ``AdapterRouter(None, {"aft": <merged model>})`` behind the same cache: the
+   proposals replay from the cache (a proposal the cache lacks fails loudly rather than being
+   written by the trained model) and only the trained aggregations are generated.
+
+The questions are the fresh draw of ``benchmarks/aft_confirm.py`` (100 questions of the recipe's
+families, disjoint from its training and held-out sets and from the evaluation suites), read from
+``data/aft-solve/confirm``. Records and the completion cache are packed into ``--data`` after every
+phase, and unpacked from there first: a run stopped by a time limit continues on another machine.
+
+``--suite humaneval`` (or any other suite name of ``aft-graph eval``) runs the same strategies on
+that suite instead, in its own run and data directories.
+
+Run (after ``aft-train export --adapter aft --out runs/aft-merged``)::
+
+    python benchmarks/aft_matched.py --phase base --time-limit 45
+    python benchmarks/aft_matched.py --phase trained --model runs/aft-merged --time-limit 40
+    python benchmarks/aft_matched.py --phase report
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import os
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from aft_graph.backends import AdapterRouter, CachingBackend
+from aft_graph.eval import compute_matched, evaluate, load_records, summarize
+from aft_graph.eval.strategies import strategy_label
+from aft_graph.tasks import load_suite
+from trainer import datapack
+from trainer.records import TaskRecord
+
+ROOT = Path(__file__).resolve().parent.parent
+CALLS, MAX_TOKENS, TEMPERATURE, SEED = 6, 384, 0.7, 0
+REFERENCES = ("sc_K6", "aft_K3_L1")
+
+
+def strategies(trained: bool) -> dict:
+    """The phase's strategies: the base model's, or the same aggregations by the ``aft`` adapter."""
+    lora = {"aggregator_lora": "aft"} if trained else {}
+    include = ("aft", "rsa") if trained else ("single", "self_consistency", "aft", "rsa")
+    kwargs = dict(max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=SEED, rsa_subset=2, **lora)
+    out = compute_matched(CALLS, include=include, **kwargs)
+    deep = compute_matched(CALLS * 2, include=("aft",), aft_layers=3, **kwargs)["aft_K3_L3" + ("_aft" if trained else "")]
+    out[strategy_label(deep)] = deep
+    return out
+
+
+def _tasks(confirm: Path) -> list:
+    with gzip.open(confirm / "tasks_confirm.jsonl.gz", "rt") as f:
+        return [TaskRecord.model_validate_json(line).to_task() for line in f if line.strip()]
+
+
+def _finished_everywhere(records: list[dict], names: list[str]) -> list[dict]:
+    """Records of the tasks every strategy has finished (so each row is paired on the same n)."""
+    done = {n: {r["task_id"] for r in records if r["strategy"] == n and r.get("error") is None} for n in names}
+    common = set.intersection(*done.values()) if done else set()
+    latest = {(r["strategy"], r["task_id"]): r for r in records if r.get("error") is None}
+    return [r for (name, task), r in latest.items() if name in names and task in common]
+
+
+def report(out: Path) -> str:
+    """Markdown: accuracy and compute per strategy, paired differences, accuracy by depth."""
+    every = {**strategies(False), **strategies(True)}
+    names = [n for n in every if any(r["strategy"] == n for r in load_records(out))]
+    records = _finished_everywhere(load_records(out), names)
+    if not records:
+        return "No question is finished by every strategy yet."
+    refs = [r for r in REFERENCES if r in names]
+    summary = summarize(records, {n: every[n] for n in names}, reference=refs)
+    n = summary["strategies"][names[0]]["n"]
+    lines = [
+        f"{n} questions finished by all {len(names)} strategies; {CALLS} calls per question "
+        f"(depth runs {CALLS * 2}), {MAX_TOKENS} tokens a call, temperature {TEMPERATURE}.",
+        "",
+        "| strategy | calls | accuracy [95% CI] | generated tokens | prompt tokens |",
+        "|---|---|---|---|---|",
+    ]
+    for name in names:
+        s = summary["strategies"][name]
+        lo, hi = s["final_ci"]
+        lines.append(
+            f"| {name} | {s['calls']:.1f} | {s['final']:.3f} [{lo:.3f}, {hi:.3f}] "
+            f"| {s['gen_tokens']:.0f} | {s['prompt_tokens']:.0f} |"
+        )
+    score = {(r["strategy"], r["task_id"]): float(r["final_score"]) for r in records}
+    lines += ["", "| strategy | minus | difference [95% CI] | wins / losses |", "|---|---|---|---|"]
+    for d in summary["differences"]:
+        lo, hi = d["diff_ci"]
+        pairs = [(v, score[(d["reference"], t)]) for (name, t), v in score.items() if name == d["strategy"]]
+        wins, losses = sum(a > b for a, b in pairs), sum(a < b for a, b in pairs)
+        lines.append(f"| {d['strategy']} | {d['reference']} | {d['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {wins} / {losses} |")
+    lines += ["", "| depth run | layer | pass@1 [95% CI] | majority of 3 [95% CI] |", "|---|---|---|---|"]
+    for name in names:
+        if "_L3" not in name:
+            continue
+        for layer in summary["strategies"][name]["layers"]:
+            (p0, p1), (m0, m1) = layer["pass1_ci"], layer["majority_ci"]
+            lines.append(
+                f"| {name} | {layer['layer']} | {layer['pass1']:.3f} [{p0:.3f}, {p1:.3f}] "
+                f"| {layer['majority']:.3f} [{m0:.3f}, {m1:.3f}] |"
+            )
+    return "\n".join(lines)
+
+
+def main(
+    phase: Annotated[str, typer.Option(help="base, trained or report.")],
+    model: Annotated[str, typer.Option(help="Phase trained: the merged AFT model (aft-train export --adapter aft).")] = "runs/aft-merged",
+    suite: Annotated[str, typer.Option(help="confirm (the fresh reasoning-gym draw) or any aft-graph suite, e.g. humaneval.")] = "confirm",
+    out: Annotated[Path | None, typer.Option(help="Run directory (records.jsonl, completions.jsonl); default runs/aft-matched/<suite>.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Packed copy of the run, restored first and updated after each phase; default data/aft-solve/matched/<suite>.")] = None,
+    confirm: Annotated[Path, typer.Option(help="The fresh draw's packed files (tasks_confirm.jsonl.gz).")] = ROOT / "data/aft-solve/confirm",
+    n: Annotated[int, typer.Option(help="Questions (the first n of the draw).")] = 100,
+    concurrency: Annotated[int, typer.Option(help="(Question, strategy) runs in flight.")] = 8,
+    time_limit: Annotated[float | None, typer.Option(help="Minutes; start no new question after (rerun to continue).")] = None,
+) -> None:
+    if phase not in ("base", "trained", "report"):
+        raise typer.BadParameter(f"--phase {phase!r}: choose base, trained or report")
+    slug = suite.replace(":", "-").replace("/", "-")
+    out = out or Path("runs/aft-matched") / slug
+    data = data or ROOT / "data/aft-solve/matched" / slug
+    if (data / datapack.MANIFEST).is_file():
+        datapack.unpack(data, out)
+    if phase == "report":
+        typer.echo(report(out))
+        return
+    tasks = _tasks(confirm)[:n] if suite == "confirm" else list(load_suite(suite, n, seed=SEED).tasks)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from aft_graph.backends import VLLMBackend
+
+    async def run() -> None:
+        if phase == "base":
+            backend = CachingBackend(VLLMBackend("default", max_model_len=4096), out / "completions.jsonl")
+        else:
+            if not Path(model).is_dir():
+                raise typer.BadParameter(f"--model {model}: no such directory; run `aft-train export --adapter aft --out {model}` first")
+            merged = VLLMBackend(model, max_model_len=4096)
+            backend = CachingBackend(AdapterRouter(None, {"aft": merged}), out / "completions.jsonl")
+        t0 = time.monotonic()
+        try:
+            await evaluate(
+                backend, tasks, strategies(phase == "trained"), out, concurrency=concurrency,
+                time_limit_s=None if time_limit is None else time_limit * 60, plots=False,
+            )  # fmt: skip
+        finally:
+            await backend.aclose()
+            typer.echo(f"phase {phase}: {time.monotonic() - t0:.0f} s, cache hits {backend.hits}, generated {backend.misses}")
+            datapack.pack(out, data, config={"command": "python benchmarks/aft_matched.py", "phase": phase})
+
+    asyncio.run(run())
+    typer.echo(report(out))
+
+
+if __name__ == "__main__":
+    typer.run(main)
