@@ -223,6 +223,7 @@ def eval_(
     time_limit: Annotated[float | None, typer.Option(help="Minutes; start no new question after (rerun to continue).")] = None,
     max_model_len: Annotated[int, typer.Option(help="Context window of the in-process engine.")] = 4096,
     plots: Annotated[bool, typer.Option(help="Write PNG plots.")] = True,
+    cache: Annotated[str | None, typer.Option(help="JSONL file of seeded completions: replayed when a later run (other strategies, another out dir) sends the same request; one file per model.")] = None,
     verbose: _Verbose = False,
 ) -> None:
     """Evaluate strategies on a verifiable task suite: accuracy per layer, compute, intervals."""
@@ -240,6 +241,10 @@ def eval_(
     async def main() -> dict:
         lora = any(c.aggregator_lora for c in configs.values())
         backend = make_backend(model, base_url, max_model_len, lora=lora, verbose=verbose)
+        if cache:
+            from .backends import CachingBackend
+
+            backend = CachingBackend(backend, cache, namespace=model)
         try:
             return await evaluate(
                 backend,

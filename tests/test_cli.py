@@ -106,6 +106,18 @@ def test_eval_writes_a_summary(backend, tmp_path: Path):
     assert "agg" in result.stdout
 
 
+def test_eval_cache_replays_completions_in_a_second_run(backend, tmp_path: Path):
+    cache = tmp_path / "completions.jsonl"
+    args = ["eval", "--tasks", "rg-mix:easy_arithmetic", "--n", "2", "--no-plots", "--cache", str(cache)]
+    first = _invoke(*args, "--strategies", "sc:K=3", "--out", str(tmp_path / "a"))
+    assert first.exit_code == 0, first.output
+    assert len(backend.calls) == 2 * 3 and cache.is_file()  # 3 proposals a task
+    second = _invoke(*args, "--strategies", "agg=aft:K=3,L=1", "--out", str(tmp_path / "b"))
+    assert second.exit_code == 0, second.output
+    # The proposals come from the cache: only the 3 aggregations of each task are generated.
+    assert len(backend.calls) == 6 + 6 and all(_is_aggregation(r) for r in backend.calls[6:])
+
+
 class _FakeVLLM:
     def __init__(self, path, **kwargs):
         self.path, self.kwargs = path, kwargs
