@@ -125,18 +125,22 @@ async def test_matched_report_pairs_both_phases_on_the_questions_all_finished(tm
         return f"Checking each proposal. <answer>{right[question]}</answer>"
 
     cache, out = tmp_path / "completions.jsonl", tmp_path / "run"
-    await evaluate(CachingBackend(ScriptedBackend(base), cache), tasks, aft_matched.strategies(False), out, progress=False, plots=False)
-    trained = CachingBackend(AdapterRouter(None, {"aft": ScriptedBackend(merged)}), cache)
-    await evaluate(trained, tasks[:3], aft_matched.strategies(True), out, progress=False, plots=False)
+    for trained in (False, True):  # the phases, each with its engine behind the shared cache file
+        engine = AdapterRouter(None, {"aft": ScriptedBackend(merged)}) if trained else ScriptedBackend(base)
+        phase = CachingBackend(engine, cache)
+        some = tasks[:3] if trained else tasks  # t3 lacks the trained runs
+        await evaluate(phase, some, aft_matched.strategies(trained), out, progress=False, plots=False)
+        deep = aft_matched.strategies(trained, depth=True)
+        await evaluate(phase, some[:2], deep, out / "depth", progress=False, plots=False)
 
     text = aft_matched.report(out)
-    assert text.startswith("3 questions finished by all 8 strategies")  # t3 lacks the trained runs
+    assert text.startswith("3 questions finished by all 6 strategies")
     first_table = text.split("\n\n")[1].splitlines()
     rows = {line.split("|")[1].strip(): line for line in first_table if line.startswith("| ")}
     assert "| 1.000 [" in rows["aft_K3_L1_aft"] and "| 6.0 |" in rows["aft_K3_L1_aft"]
     assert "| 0.000 [" in rows["aft_K3_L1"]  # the base model aggregates wrong
     assert "| aft_K3_L1_aft | aft_K3_L1 | +1.000 [+1.000, +1.000] | 3 / 0 |" in text
-    assert "| 12.0 |" in rows["aft_K3_L3_aft"]
+    assert "Depth runs (AFT K=3, L=3, 12 calls; 2 questions finished by both)" in text
     depth = [line for line in text.splitlines() if line.startswith("| aft_K3_L3_aft | ")]
     assert [line.split("|")[2].strip() for line in depth[-4:]] == ["0", "1", "2", "3"]
     assert "| 1.000 [1.000, 1.000] |" in depth[-1]  # the trained layers are all right
