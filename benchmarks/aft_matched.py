@@ -83,6 +83,12 @@ def _finished_everywhere(records: list[dict], names: list[str]) -> list[dict]:
     return [r for (name, task), r in latest.items() if name in names and task in common]
 
 
+def _base_finished(folder: Path, depth: bool) -> set[str]:
+    """Ids of the questions every base-model strategy of ``folder`` has finished."""
+    names = list(strategies(False, depth=depth))
+    return {r["task_id"] for r in _finished_everywhere(load_records(folder), names)}
+
+
 def _summary(out: Path, every: dict) -> tuple[dict, list[str], list[dict]]:
     records = load_records(out)
     names = [n for n in every if any(r["strategy"] == n for r in records)]
@@ -163,6 +169,14 @@ def main(
         typer.echo(report(out))
         return
     tasks = _tasks(confirm)[:n] if suite == "confirm" else list(load_suite(suite, n, seed=SEED).tasks)
+    runs = {out: tasks, out / "depth": tasks[:depth_n]}
+    if phase == "trained":  # only questions whose base-model runs finished: their proposals are cached
+        runs = {
+            folder: [t for t in some if t.id in _base_finished(folder, folder != out)]
+            for folder, some in runs.items()
+        }
+        if not runs[out]:
+            raise typer.BadParameter(f"no question of {out} has finished its base runs: run --phase base first")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from aft_graph.backends import VLLMBackend
 
@@ -179,12 +193,12 @@ def main(
         try:
             # Both runs at once, sharing the cache (one file, one writer): the depth run's layer 0
             # and 1 are the 6-call AFT's, generated once.
-            await asyncio.gather(
-                evaluate(backend, tasks, strategies(trained), out, concurrency=concurrency,
-                         time_limit_s=limit, plots=False, progress=False),
-                evaluate(backend, tasks[:depth_n], strategies(trained, depth=True), out / "depth",
-                         concurrency=max(concurrency // 4, 1), time_limit_s=limit, plots=False, progress=False),
-            )  # fmt: skip
+            await asyncio.gather(*(
+                evaluate(backend, some, strategies(trained, depth=folder != out), folder,
+                         concurrency=concurrency if folder == out else max(concurrency // 4, 1),
+                         time_limit_s=limit, plots=False, progress=False)
+                for folder, some in runs.items() if some
+            ))  # fmt: skip
         finally:
             await backend.aclose()
             typer.echo(f"phase {phase}: {time.monotonic() - t0:.0f} s, cache hits {backend.hits}, generated {backend.misses}")
