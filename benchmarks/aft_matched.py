@@ -125,6 +125,19 @@ def report(out: Path) -> str:
         pairs = [(v, score[(d["reference"], t)]) for (name, t), v in score.items() if name == d["strategy"]]
         wins, losses = sum(a > b for a, b in pairs), sum(a < b for a, b in pairs)
         lines.append(f"| {d['strategy']} | {d['reference']} | {d['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}] | {wins} / {losses} |")
+    lines += [
+        "",
+        "| strategy | last layer | pass@1 [95% CI] | majority [95% CI] | gain over its inputs [95% CI] |",
+        "|---|---|---|---|---|",
+    ]
+    for name in names:
+        layer = summary["strategies"][name]["layers"][-1]
+        (p0, p1), (m0, m1) = layer["pass1_ci"], layer["majority_ci"]
+        gain = "" if layer["gain"] is None else f"{layer['gain']:+.3f} [{layer['gain_ci'][0]:+.3f}, {layer['gain_ci'][1]:+.3f}]"
+        lines.append(
+            f"| {name} | {layer['layer']} | {layer['pass1']:.3f} [{p0:.3f}, {p1:.3f}] "
+            f"| {layer['majority']:.3f} [{m0:.3f}, {m1:.3f}] | {gain} |"
+        )
     deep, deep_names, deep_records = _summary(out / "depth", {**strategies(False, depth=True), **strategies(True, depth=True)})
     if deep_records:
         k = deep["strategies"][deep_names[0]]["n"]
