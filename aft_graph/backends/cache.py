@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .._jsonl import close_open_line
 from .base import Backend, Completion, GenerationRequest
 
 __all__ = ["CachingBackend"]
@@ -49,9 +50,7 @@ class CachingBackend:
         self.path = Path(path)
         self._namespace = namespace
         self._stored: dict[str, list[Completion]] = _load(self.path)
-        if self.path.is_file() and self.path.stat().st_size and not _ends_with_newline(self.path):
-            with self.path.open("a") as f:
-                f.write("\n")  # end a line an interrupted write left open
+        close_open_line(self.path)
         self._running: dict[str, asyncio.Future[list[Completion]]] = {}
         self.hits = 0
         self.misses = 0
@@ -109,12 +108,6 @@ class CachingBackend:
 
     async def aclose(self) -> None:
         await self._backend.aclose()
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with path.open("rb") as f:
-        f.seek(-1, 2)
-        return f.read(1) == b"\n"
 
 
 def _load(path: Path) -> dict[str, list[Completion]]:

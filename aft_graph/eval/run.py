@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -19,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .._jsonl import close_open_line
 from ..backends.base import Backend, BackendError, Completion, GenerationRequest, supports_logprobs
 from ..config import AggregateConfig
 from ..graph import RewardFn, build_graph
@@ -117,15 +117,6 @@ def load_records(out_dir: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _ends_mid_line(path: Path) -> bool:
-    """Whether a non-empty file's last byte is not a newline (a write was interrupted)."""
-    if not path.is_file() or not path.stat().st_size:
-        return False
-    with path.open("rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) != b"\n"
-
-
 async def evaluate(
     backend: Backend,
     suite: Suite | Sequence[Task],
@@ -203,9 +194,7 @@ async def evaluate(
     started = time.monotonic()
     semaphore = asyncio.Semaphore(max(concurrency, 1))
     path = out / _RECORDS
-    if _ends_mid_line(path):
-        with path.open("a") as f:
-            f.write("\n")  # end an interrupted line, or the next record would be glued to it
+    close_open_line(path)
     sink = path.open("a")
     new: list[dict[str, Any]] = []
 
