@@ -28,7 +28,9 @@ Run (after ``aft-train export --adapter aft --out runs/aft-merged``)::
     python benchmarks/aft_matched.py --phase trained --model runs/aft-merged --time-limit 60
     python benchmarks/aft_matched.py --phase report
 
-On a 2-core AVX2 CPU the base phase generates about 20 calls a minute with 32 runs in flight.
+On a 2-core AVX2 CPU the base phase generates about 20 calls a minute with 32 runs in flight
+(HumanEval: about 11; the trained phase, whose calls are all aggregations, about 6 to 13).
+``--depth-n 0`` leaves the depth runs out.
 """
 
 from __future__ import annotations
