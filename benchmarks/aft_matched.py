@@ -99,6 +99,12 @@ def _summary(out: Path, every: dict) -> tuple[dict, list[str], list[dict]]:
     return summarize(records, {n: every[n] for n in names}, reference=refs or None), names, records
 
 
+def _layer_cells(layer: dict) -> str:
+    """One layer's table cells: its number, pass@1 and majority, each with its interval."""
+    (p0, p1), (m0, m1) = layer["pass1_ci"], layer["majority_ci"]
+    return f"{layer['layer']} | {layer['pass1']:.3f} [{p0:.3f}, {p1:.3f}] | {layer['majority']:.3f} [{m0:.3f}, {m1:.3f}]"
+
+
 def report(out: Path) -> str:
     """Markdown: accuracy and compute per strategy, paired differences, accuracy by depth."""
     every = {**strategies(False), **strategies(True)}
@@ -134,12 +140,8 @@ def report(out: Path) -> str:
     ]
     for name in names:
         layer = summary["strategies"][name]["layers"][-1]
-        (p0, p1), (m0, m1) = layer["pass1_ci"], layer["majority_ci"]
         gain = "" if layer["gain"] is None else f"{layer['gain']:+.3f} [{layer['gain_ci'][0]:+.3f}, {layer['gain_ci'][1]:+.3f}]"
-        lines.append(
-            f"| {name} | {layer['layer']} | {layer['pass1']:.3f} [{p0:.3f}, {p1:.3f}] "
-            f"| {layer['majority']:.3f} [{m0:.3f}, {m1:.3f}] | {gain} |"
-        )
+        lines.append(f"| {name} | {_layer_cells(layer)} | {gain} |")
     deep, deep_names, deep_records = _summary(out / "depth", {**strategies(False, depth=True), **strategies(True, depth=True)})
     if deep_records:
         k = deep["strategies"][deep_names[0]]["n"]
@@ -153,11 +155,7 @@ def report(out: Path) -> str:
         ]  # fmt: skip
         for name in deep_names:
             for layer in deep["strategies"][name]["layers"]:
-                (p0, p1), (m0, m1) = layer["pass1_ci"], layer["majority_ci"]
-                lines.append(
-                    f"| {name} | {layer['layer']} | {layer['pass1']:.3f} [{p0:.3f}, {p1:.3f}] "
-                    f"| {layer['majority']:.3f} [{m0:.3f}, {m1:.3f}] |"
-                )
+                lines.append(f"| {name} | {_layer_cells(layer)} |")
     return "\n".join(lines)
 
 
