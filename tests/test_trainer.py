@@ -910,14 +910,18 @@ def test_vote_summary_groups_equivalent_answers_most_frequent_first():
 
 
 def test_shipped_recipes_validate():
-    """Every recipe in recipes/ loads: *.sft.json as an SFTConfig (`aft-train sft --config`), the
-    rest as a DemoConfig (`aft-train demo --config`)."""
+    """Every recipe in recipes/ loads: *.sft.json as an SFTConfig (`aft-train sft --config`),
+    *.aggregation.json as an AggregationConfig (`aft-train aggregations --config`), the rest as a
+    DemoConfig (`aft-train demo --config`)."""
     recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.json"))
     assert any(p.name.endswith(".sft.json") for p in recipes)
+    assert any(p.name.endswith(".aggregation.json") for p in recipes)
     for path in recipes:
         data = json.loads(path.read_text())
         if path.name.endswith(".sft.json"):
             config = SFTConfig(**data)
             assert config.init_adapter is None or not config.init_adapter.startswith("/"), path
+        elif path.name.endswith(".aggregation.json"):
+            AggregationConfig(**data)
         else:
             DemoConfig(**data)
