@@ -864,9 +864,49 @@ class TestCli:
         assert set(manifest["files"]) == {"heldout_aft_merged_direct.json"}
         assert set(manifest["inherited"]["files"]) == {"eval_proposals.jsonl", "heldout_base.json"}
 
+    def test_compare_pairs_rows_files_and_breaks_down_by_right_proposals(self, tmp_path):
+        import gzip
+
+        run = tmp_path / "run"
+        run.mkdir()
+        # t0: one of two proposals right; t1: none right.
+        heldout = [precord(0, ["<answer>5</answer>", "<answer>4</answer>"]), precord(1, ["<answer>4</answer>", "<answer>4</answer>"])]
+        write_jsonl(run / "eval_proposals.jsonl", [json.loads(r.model_dump_json()) for r in heldout])
+        def rows(*scores, **extra):
+            return json.dumps({"key": {}, "rows": [
+                {"id": f"t{i}", "aggregation_score": s, **{k: v[i] for k, v in extra.items()}} for i, s in enumerate(scores)
+            ]})  # fmt: skip
+
+        (run / "heldout_base.json").write_text(rows(1.0, 0.0, direct_score=[0.0, 1.0]))
+        (run / "heldout_aft_a_direct.json").write_text(rows(1.0, 1.0, direct_score=[1.0, 1.0]))
+        other = tmp_path / "heldout_aft_b.json.gz"
+        with gzip.open(other, "wt") as f:
+            f.write(rows(0.0, 0.0))
+        recipe = tmp_path / "recipe.json"
+        recipe.write_text(json.dumps({"out": str(run), "model": "default", "k": 2, "last_number": False}))
+        # Listed in the other order, so the rows are matched to the questions by id.
+        (run / "heldout_aft_a_direct.json").write_text(
+            json.dumps({"key": {}, "rows": list(reversed(json.loads((run / "heldout_aft_a_direct.json").read_text())["rows"]))})
+        )  # fmt: skip
+        r = CliRunner().invoke(app, ["compare", "heldout_aft_a_direct.json", str(other), "--config", str(recipe)])
+        assert r.exit_code == 0, r.output
+        assert "aft_a_direct: aggregator accuracy 1.000 on 2" in r.output
+        assert "| untrained aggregator | 0.500 | +0.500 |" in r.output
+        assert "| aft_b | 0.000 | +1.000 | [+1.000, +1.000] | 2 / 0 |" in r.output
+        assert "| majority of 2 | 0.500 | +0.500 |" in r.output
+        assert "| right of 2 proposals | questions | untrained | aft_a_direct | aft_b |" in r.output
+        assert "| 0 | 1 | 0 | 1 | 0 |" in r.output and "| 1 | 1 | 1 | 1 | 0 |" in r.output
+        assert "direct answers (no proposals): untrained 0.500, aft_a_direct 1.000" in r.output
+        # Rows that miss a question name the fix; a missing file too.
+        (run / "heldout_short.json").write_text(json.dumps({"key": {}, "rows": [{"id": "t0", "aggregation_score": 1.0}]}))
+        r = CliRunner().invoke(app, ["compare", "heldout_short.json", "--config", str(recipe)])
+        assert r.exit_code != 0 and "1 of the recipe's 2" in r.output and "aft-train heldout" in r.output
+        r = CliRunner().invoke(app, ["compare", "heldout_nope.json", "--config", str(recipe)])
+        assert r.exit_code != 0 and "heldout_nope.json" in r.output
+
     def test_help_lists_every_stage(self):
         r = CliRunner().invoke(app, ["--help"])
-        for command in ("proposals", "select", "aggregations", "sft", "export", "demo"):
+        for command in ("proposals", "select", "aggregations", "sft", "export", "demo", "heldout", "compare"):
             assert command in r.output
 
 

@@ -11,6 +11,7 @@ Stages read and write jsonl and resume when rerun::
     aft-train export --adapter runs/aft/adapter --out runs/aft/merged --merged
     aft-train demo --out runs/train-demo
     aft-train heldout --config recipes/aft-default.json --template aft-vote   # a prompt ablation
+    aft-train compare heldout_aft_merged_direct.json --config recipes/aft-self.json   # paired table
 
 Every command also takes ``--config FILE.json`` with fields of its configuration class
 (:mod:`trainer.config`); options given on the command line win. ``accelerate launch -m trainer sft
@@ -388,6 +389,24 @@ def demo(
     )
 
 
+def _heldout_run(cfg: DemoConfig, config: Path) -> Path:
+    """The recipe's run directory with its held-out proposals and untrained rows restored from
+    its data directories (an inherited recipe's included)."""
+    from . import datapack
+
+    out = Path(cfg.out)
+    if cfg.inherit_data is not None:
+        datapack.unpack(cfg.inherit_data, out, only=cfg.inherit_files)
+    if cfg.data_dir is not None:
+        datapack.unpack(cfg.data_dir, out)
+    if not (out / "eval_proposals.jsonl").is_file() or not (out / "heldout_base.json").is_file():
+        raise typer.BadParameter(
+            f"{out} has no held-out proposals or untrained-aggregator rows: run `aft-train demo "
+            f"--config {config}` (or `make train-aft`) through its 'evaluation before' stage first"
+        )
+    return out
+
+
 @app.command()
 def heldout(
     config: Annotated[Path, typer.Option("--config", help="The recipe's JSON file (its run directory, data directory, model, widths and token budget).")],
@@ -416,17 +435,8 @@ def heldout(
     cfg = _build(DemoConfig, config)
     if template not in TEMPLATES:
         raise typer.BadParameter(f"unknown template {template!r}: choose from {sorted(TEMPLATES)}")
-    out = Path(cfg.out)
-    if cfg.inherit_data is not None:
-        datapack.unpack(cfg.inherit_data, out, only=cfg.inherit_files)
-    if cfg.data_dir is not None:
-        datapack.unpack(cfg.data_dir, out)
+    out = _heldout_run(cfg, config)
     base_rows = out / "heldout_base.json"
-    if not (out / "eval_proposals.jsonl").is_file() or not base_rows.is_file():
-        raise typer.BadParameter(
-            f"{out} has no held-out proposals or untrained-aggregator rows: run `aft-train demo "
-            f"--config {config}` (or `make train-aft`) through its 'evaluation before' stage first"
-        )
     base_records = list(read_records(out / "eval_proposals.jsonl", ProposalRecord))
     records = base_records
     verifier = Verifier("auto", last_number=cfg.last_number)
@@ -506,6 +516,69 @@ def heldout(
     from .report import paired_table
 
     typer.echo("\n".join(paired_table(paired)))
+
+
+@app.command()
+def compare(
+    rows: Annotated[list[str], typer.Argument(help="Held-out rows written by `aft-train heldout` (e.g. heldout_aft_merged_direct.json): a file name in the recipe's run directory (restored from its data directories) or a path. The first is compared with each of the others.")],
+    config: Annotated[Path, typer.Option("--config", help="The recipe whose held-out questions and proposals the rows score.")],
+) -> None:
+    """Compare held-out aggregators on the same questions and proposals: the first rows, paired (95%
+    BCa), against the recipe's untrained aggregator, each other rows file and the votes; then every
+    aggregator's questions right by how many of its proposals were right."""
+    import gzip
+
+    from aft_graph.tasks import Verifier
+
+    from . import stages
+    from .records import ProposalRecord, read_records
+    from .report import breakdown_table, paired_table
+
+    cfg = _build(DemoConfig, config)
+    out = _heldout_run(cfg, config)
+    records = list(read_records(out / "eval_proposals.jsonl", ProposalRecord))
+    ids = [r.id for r in records]
+
+    def load(name: str) -> list[dict[str, Any]]:
+        path = Path(name) if Path(name).is_file() else out / name
+        if not path.is_file():
+            raise typer.BadParameter(f"no rows file {name!r} (looked in {out} too): give a path or "
+                                     f"the name `aft-train heldout` printed")  # fmt: skip
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt") as f:
+            by_id = {r["id"]: r for r in json.load(f)["rows"]}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise typer.BadParameter(
+                f"{name} scores {len(ids) - len(missing)} of the recipe's {len(ids)} held-out "
+                f"questions (missing e.g. {missing[0]}): finish it with `aft-train heldout` (it resumes)"
+            )
+        return [by_id[i] for i in ids]
+
+    def label(name: str) -> str:
+        stem = Path(name).name.removesuffix(".gz").removesuffix(".json")
+        return stem.removeprefix("heldout_")
+
+    loaded = {label(name): load(name) for name in rows}
+    before = load("heldout_base.json")
+    verifier = Verifier("auto", last_number=cfg.last_number)
+    k, n_all = cfg.aggregation_k or cfg.k, cfg.heldout_samples or cfg.k
+    (first, after), others = next(iter(loaded.items())), list(loaded.items())[1:]
+    full = {name: [float(r["aggregation_score"] >= 1.0) for r in rs] for name, rs in loaded.items()}
+    votes = {f"majority of {k}": stages.vote_scores(records, verifier, k)}
+    if n_all != k:
+        votes[f"majority of {n_all}"] = stages.vote_scores(records, verifier, n_all)
+    paired = stages.paired_comparisons(after, before, {**{n: full[n] for n, _ in others}, **votes})
+    typer.echo(f"{first}: aggregator accuracy {sum(full[first]) / len(ids):.3f} on {len(ids)} held-out questions\n")
+    typer.echo("\n".join(paired_table(paired, f"{first} minus baseline")))
+    untrained = [float(r["aggregation_score"] >= 1.0) for r in before]
+    groups = stages.by_right_proposals(records, verifier, k, {"untrained": untrained, **full})
+    typer.echo("\n" + "\n".join(breakdown_table(groups, k)))
+    direct = {n: rs for n, rs in {"untrained": before, **loaded}.items() if all("direct_score" in r for r in rs)}
+    if direct:
+        typer.echo("\ndirect answers (no proposals): " + ", ".join(
+            f"{n} {sum(r['direct_score'] >= 1.0 for r in rs) / len(ids):.3f}" for n, rs in direct.items()
+        ))  # fmt: skip
 
 
 if __name__ == "__main__":  # `python -m trainer.cli` / `accelerate launch -m trainer.cli sft ...`

@@ -9,7 +9,7 @@ from typing import Any
 from .aggregations import copies_proposal
 from .records import AggregationRecord, DataReport, ProposalRecord
 
-__all__ = ["accuracy", "build_summary", "paired_table", "render_report"]
+__all__ = ["accuracy", "breakdown_table", "build_summary", "paired_table", "render_report"]
 
 RUN_FILES = (
     "proposals.jsonl", "selected.jsonl", "aggregations.jsonl", "aggregations.rejected.jsonl",
@@ -156,6 +156,20 @@ def paired_table(paired: dict[str, dict[str, float]], column: str = "this minus 
         lines.append(
             f"| {name} | {p['baseline']:.3f} | {p['difference']:+.3f} | "
             f"[{p['low']:+.3f}, {p['high']:+.3f}] | {p['wins']} / {p['losses']} |"
+        )
+    return lines
+
+
+def breakdown_table(groups: dict[int, dict[str, int]], k: int) -> list[str]:
+    """Markdown rows of :func:`trainer.stages.by_right_proposals` (header included)."""
+    names = [n for n in next(iter(groups.values()), {}) if n != "questions"]
+    lines = [
+        f"| right of {k} proposals | questions | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for right, group in groups.items():
+        lines.append(
+            f"| {right} | {group['questions']} | " + " | ".join(str(group[n]) for n in names) + " |"
         )
     return lines
 

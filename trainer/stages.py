@@ -45,6 +45,7 @@ __all__ = [
     "HELDOUT_SEED_OFFSET",
     "SOLUTION_TARGETS",
     "Queries",
+    "by_right_proposals",
     "evaluate",
     "export",
     "graph_runs",
@@ -469,6 +470,35 @@ def proposal_baselines(records: Sequence[ProposalRecord], verifier: Verifier, k:
         "majority_vote_accuracy": sum(vote_scores(records, verifier, k)) / n,
         "any_proposal_right": sum(oracle) / n,
     }
+
+
+def by_right_proposals(
+    records: Sequence[ProposalRecord],
+    verifier: Verifier,
+    k: int,
+    scores: dict[str, Sequence[float]],
+) -> dict[int, dict[str, int]]:
+    """Questions each aggregator got right, grouped by how many of the first ``k`` proposals are
+    right: where an aggregator gains or loses against a vote (none right: only solving helps; one
+    right: a minority pick).
+
+    Args:
+        records: The held-out proposals, in the order of ``scores``.
+        verifier: Scores each proposal.
+        k: Proposals the aggregator read.
+        scores: Per-question scores (1.0 = right) by aggregator name.
+
+    Returns:
+        ``{right proposals: {"questions": n, name: questions right, ...}}``, keys ascending.
+    """
+    groups: dict[int, dict[str, int]] = {}
+    for i, record in enumerate(records):
+        right = sum(verifier.score(record, t) >= 1.0 for t in record.texts()[:k])
+        group = groups.setdefault(right, {"questions": 0, **{name: 0 for name in scores}})
+        group["questions"] += 1
+        for name, values in scores.items():
+            group[name] += int(values[i] >= 1.0)
+    return dict(sorted(groups.items()))
 
 
 def paired_comparisons(
