@@ -407,6 +407,16 @@ def _heldout_run(cfg: DemoConfig, config: Path) -> Path:
     return out
 
 
+def _votes(records, verifier, k: int, n_all: int, kind: str = "") -> dict[str, list[float]]:
+    """Per-question scores of the majority vote of the first ``k`` proposals and of all ``n_all``."""
+    from . import stages
+
+    votes = {f"majority of {k}{kind}": stages.vote_scores(records, verifier, k)}
+    if n_all != k:
+        votes[f"majority of {n_all}{kind}"] = stages.vote_scores(records, verifier, n_all)
+    return votes
+
+
 @app.command()
 def heldout(
     config: Annotated[Path, typer.Option("--config", help="The recipe's JSON file (its run directory, data directory, model, widths and token budget).")],
@@ -490,9 +500,7 @@ def heldout(
         sources.append((" (own proposals)", records))
     votes = {}
     for kind, recs in sources:
-        votes[f"majority of {k}{kind}"] = stages.vote_scores(recs, verifier, k)
-        if n_all != k:
-            votes[f"majority of {n_all}{kind}"] = stages.vote_scores(recs, verifier, n_all)
+        votes |= _votes(recs, verifier, k, n_all, kind)
     paired = stages.paired_comparisons(rows, before, votes)
     if own_proposals:  # the baseline row is then the base model's whole pipeline
         paired = {"base model, AFT on its own proposals": paired.pop("untrained aggregator"), **paired}
@@ -565,9 +573,7 @@ def compare(
     k, n_all = cfg.aggregation_k or cfg.k, cfg.heldout_samples or cfg.k
     (first, after), others = next(iter(loaded.items())), list(loaded.items())[1:]
     full = {name: [float(r["aggregation_score"] >= 1.0) for r in rs] for name, rs in loaded.items()}
-    votes = {f"majority of {k}": stages.vote_scores(records, verifier, k)}
-    if n_all != k:
-        votes[f"majority of {n_all}"] = stages.vote_scores(records, verifier, n_all)
+    votes = _votes(records, verifier, k, n_all)
     paired = stages.paired_comparisons(after, before, {**{n: full[n] for n, _ in others}, **votes})
     typer.echo(f"{first}: aggregator accuracy {sum(full[first]) / len(ids):.3f} on {len(ids)} held-out questions\n")
     typer.echo("\n".join(paired_table(paired, f"{first} minus baseline")))
