@@ -219,6 +219,16 @@ async def test_stages_chain_on_a_scripted_engine(tmp_path):
     calls = len(backend.calls)
     await stages.evaluate(backend, heldout, tmp_path / "heldout_z.json", lora=None, k=2, max_tokens=8, verifier=verifier, direct=False)
     assert len(backend.calls) == calls + 2 and not other.exists()
+    # Another model's rows under the same file name are refused, not overwritten (nor its partial rows).
+    merged = {**key, "model": "runs/a/merged"}
+    (tmp_path / "heldout_m.json").write_text(json.dumps({"key": merged, "rows": full}))
+    (tmp_path / "heldout_p.json.partial.jsonl").write_text(json.dumps({"key": merged}) + "\n" + json.dumps(full[0]) + "\n")
+    for name in ("heldout_m.json", "heldout_p.json"):
+        with pytest.raises(ValueError, match=r"holds the held-out rows of model runs/a/merged, not of model runs/b/merged.*name of its own"):
+            await stages.evaluate(backend, heldout, tmp_path / name, lora=None, k=2, max_tokens=8, verifier=verifier, direct=False, model="runs/b/merged")
+    assert json.loads((tmp_path / "heldout_m.json").read_text())["rows"] == full
+    assert (tmp_path / "heldout_p.json.partial.jsonl").read_text().count("\n") == 2
+    assert len(backend.calls) == calls + 2
 
 
 async def test_own_heldout_proposals_pair_with_the_base_models(tmp_path):

@@ -493,7 +493,10 @@ def heldout(
             await backend.aclose()
 
     _terminate_gracefully()
-    rows = asyncio.run(main())
+    try:
+        rows = asyncio.run(main())
+    except ValueError as exc:  # e.g. the rows file holds another model's rows
+        raise typer.BadParameter(str(exc)) from exc
     before = json.loads(base_rows.read_text())["rows"]
     sources = [(" (base proposals)" if own_proposals else "", base_records)]
     if own_proposals:

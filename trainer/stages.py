@@ -375,6 +375,7 @@ async def evaluate(
         saved = json.loads(out.read_text())
         if saved.get("key") == key:
             return saved["rows"]
+        _refuse_other_models_rows(out, saved.get("key") or {}, key)
     strict = strict or verifier
     greedy = Sampling(temperature=0.0, max_tokens=max_tokens)
 
@@ -424,6 +425,25 @@ async def evaluate(
     return result
 
 
+def _refuse_other_models_rows(out: Path, saved: dict[str, Any], key: dict[str, Any]) -> None:
+    """Raise where ``out`` holds another model's or adapter's rows: they would be overwritten.
+
+    Rows files are named after the model directory's base name, so two merged models in
+    directories of the same name (``runs/a/merged``, ``runs/b/merged``) would share one file: an
+    hour of evaluation, and its packed copy, would be replaced without a word.
+    """
+    def who(k: dict[str, Any]) -> str:
+        model, lora = k.get("model"), k.get("lora")
+        return f"model {model or '(the recipe model)'}" + (f" with adapter {lora}" if lora else "")
+
+    if who(saved) != who(key):
+        raise ValueError(
+            f"{out} holds the held-out rows of {who(saved)}, not of {who(key)}: evaluating would "
+            "overwrite them. Give this model's directory a name of its own (the rows file is named "
+            f"after it), or move {out.name} away to replace its rows."
+        )
+
+
 def _partial_rows(path: Path, key: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The rows of an interrupted evaluation with the same settings (else a fresh start)."""
     if not path.is_file():
@@ -434,6 +454,8 @@ def _partial_rows(path: Path, key: dict[str, Any]) -> dict[str, dict[str, Any]]:
     except json.JSONDecodeError:
         header = None
     if header != {"key": key}:
+        if isinstance(header, dict) and isinstance(header.get("key"), dict):
+            _refuse_other_models_rows(path, header["key"], key)
         path.unlink()
         return {}
     rows = {}
