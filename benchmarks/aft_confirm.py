@@ -12,6 +12,11 @@ Run (52 min on a 2-core AVX2 CPU for 100 questions; after restoring the recipe's
     aft-train export --adapter aft --out runs/aft-merged
     python benchmarks/aft_confirm.py --config recipes/aft-solve.json --model runs/aft-merged \
         --n 100 --seed 1300000 --out runs/aft-confirm
+
+Another aggregator on the same draw (its own rows file, paired with the first one's too)::
+
+    python benchmarks/aft_confirm.py --config recipes/aft-solve.json --model runs/aft-plain/merged \
+        --rows heldout_plain.json --against heldout_trained.json --out runs/aft-confirm
 """
 
 from __future__ import annotations
@@ -57,10 +62,17 @@ def main(
     out: Annotated[Path, typer.Option(help="Directory for this draw's files (resumable).")] = Path("runs/aft-confirm"),
     n: Annotated[int, typer.Option(help="Questions.")] = 100,
     seed: Annotated[int, typer.Option(help="Generator seed (not the recipe's).")] = 1_300_000,
+    rows: Annotated[str, typer.Option(help="Rows file (in --out) for this model's aggregations: one per model, e.g. heldout_plain.json.")] = "heldout_trained.json",
+    against: Annotated[list[str] | None, typer.Option(help="Rows of another trained aggregator on this draw (in --out), paired too (repeatable).")] = None,
 ) -> None:
     cfg = DemoConfig(**json.loads(config.read_text()))
     if seed in (cfg.task_seed, cfg.task_seed + stages.HELDOUT_SEED_OFFSET):
         raise typer.BadParameter(f"--seed {seed} is one of the recipe's own seeds: pick another")
+    others = {}
+    for name in against or []:
+        if not (out / name).is_file():
+            raise typer.BadParameter(f"--against {name}: no such rows file in {out}")
+        others[name.removesuffix(".json").removeprefix("heldout_")] = json.loads((out / name).read_text())["rows"]
     tasks = _questions(cfg, Path(cfg.out), n, seed, out)
     verifier, strict = Verifier("auto", last_number=cfg.last_number), Verifier("auto")
     k, n_all = cfg.aggregation_k or cfg.k, cfg.heldout_samples or cfg.k
@@ -81,7 +93,7 @@ def main(
         backend = make_backend(model, max_model_len=cfg.max_model_len)
         try:
             after = await stages.evaluate(
-                backend, records, out / "heldout_trained.json", lora=None, direct=False, model=model, **kwargs
+                backend, records, out / rows, lora=None, direct=False, model=model, **kwargs
             )
         finally:
             await backend.aclose()
@@ -89,11 +101,18 @@ def main(
 
     records, before, after = asyncio.run(run())
     votes = {f"majority of {m}": stages.vote_scores(records, verifier, m) for m in sorted({k, n_all})}
-    paired = stages.paired_comparisons(after, before, votes)
+    ids = [r.id for r in records]
+    full = {}
+    for name, rs in others.items():
+        by_id = {r["id"]: r for r in rs}
+        if set(by_id) != set(ids):
+            raise typer.BadParameter(f"--against heldout_{name}.json scores other questions than this draw's")
+        full[name] = [float(by_id[i]["aggregation_score"] >= 1.0) for i in ids]
+    paired = stages.paired_comparisons(after, before, {**full, **votes})
     accuracy = sum(r["aggregation_score"] >= 1.0 for r in after) / len(after)
     typer.echo(f"trained aggregator {accuracy:.3f} on {len(after)} fresh held-out questions (K={k})")
     typer.echo("\n".join(paired_table(paired, "trained minus baseline")))
-    (out / "paired.json").write_text(json.dumps({"accuracy": accuracy, "paired": paired}, indent=2))
+    (out / f"paired_{Path(rows).stem}.json").write_text(json.dumps({"accuracy": accuracy, "paired": paired}, indent=2))
 
 
 if __name__ == "__main__":
