@@ -1,9 +1,11 @@
 """LoRA adapters shipped inside the package, loadable by name and checked against pinned hashes.
 
-``aft``: the AFT aggregator of the default model (Qwen2.5-Coder-0.5B-Instruct), built in three
+``aft``: the AFT aggregator of the default model (Qwen2.5-Coder-0.5B-Instruct), built in four
 LoRA stages: self-aggregation targets (``recipes/aft-self.json``, on ``make train-aft``'s data),
 then two passes over verified solution targets (``recipes/aft-solve-stage2.sft.json`` and
-``recipes/aft-solve-stage3.sft.json``); how and what it scored: docs/training.md.
+``recipes/aft-solve-stage3.sft.json``), then a third with a quarter of plain (query -> answer)
+examples mixed in (``recipes/aft-plain-stage4.sft.json``); how and what it scored:
+docs/training.md.
 
 >>> backend = VLLMBackend("default", enable_lora=True)
 >>> graph.ainvoke(state, context=AggregateContext(aggregator_lora="aft"))
@@ -69,15 +71,17 @@ SHIPPED_ADAPTERS: dict[str, ShippedAdapter] = {
         base_model="Qwen2.5-Coder-0.5B-Instruct",
         sha256={
             "adapter_config.json": "d414557f7919d709f54c0fbdcd639672dbc82684e1f69974090e337aefd3dd77",
-            "adapter_model.safetensors": "1313cb9d80fd286506e8d39b52d0cd0e56b8c5c6be3fafe6d4b6af7bd1b7f1bc",
+            "adapter_model.safetensors": "cc28288d1427ba94c592854e8ffc325aec46e574a66de7d583ca9ea9120aa264",
         },
         summary=(
             "AFT adapter of the default model: LoRA r=8 on q/k/v/o, 60 steps x 4 on 275 verified "
-            "self-aggregation targets (recipes/aft-self.json), then 2 x 44 steps x 4 on 175 "
-            "verified solution targets (recipes/aft-solve-stage*.sft.json), 115 of them where "
-            "every proposal is wrong. On 120 held-out queries it aggregates the same proposals "
-            "at 0.517 vs the untrained 0.400 (paired +0.117 [+0.008, +0.217]) and a vote of 6 "
-            "proposals' 0.425; direct answer 0.475 vs 0.433 (docs/training.md)"
+            "self-aggregation targets (recipes/aft-self.json), 2 x 44 steps x 4 on 175 verified "
+            "solution targets (recipes/aft-solve-stage*.sft.json), 115 of them where every "
+            "proposal is wrong, then 55 steps x 4 on the same targets with 44 plain examples "
+            "mixed in (recipes/aft-plain-stage4.sft.json). On 100 fresh held-out queries it "
+            "aggregates the same 3 proposals at 0.550 vs the untrained 0.180 (paired +0.370 "
+            "[+0.260, +0.480]) and a vote of 6 proposals' 0.320 (+0.230 [+0.120, +0.340]); on the "
+            "recipe's 120: 0.542 vs 0.400 and 0.425; direct answer 0.567 vs 0.433 (docs/training.md)"
         ),
     ),
 }
